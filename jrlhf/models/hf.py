@@ -219,7 +219,8 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = "float32", *
     return model, jax.tree.map(jnp.asarray, host)
   from jrlhf.sharding import param_shardings  # noqa: PLC0415 - sharding sits above models
 
-  shardings = param_shardings(model, jnp.zeros((1, 1), jnp.int32), mesh=mesh, rules=rules)
+  rules_kw = {} if rules is None else {"rules": rules}
+  shardings = param_shardings(model, jnp.zeros((1, 1), jnp.int32), mesh=mesh, **rules_kw)
   params = jax.tree.map(
       lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx: a[idx]), host, shardings)
   return model, params
