@@ -1,0 +1,107 @@
+"""What every algorithm's train step shares: micro-batch accumulation and the optimizer update.
+
+The state is duck-typed (`jrlhf.train.state.TrainState`: `trainable`, `frozen`, `opt_state`,
+`step`, `rng`, `.replace`) so that algorithms do not import the training loop's package.
+
+Accumulation layout: a batch of `A * B` rows holds A micro-batches of B rows interleaved, row
+`b * A + a` belonging to micro-batch `a` (the loop builds it with `interleave_micro_batches`).
+Reshaped to (B, A, ...) the leading B axis keeps the batch sharding of the mesh, so every
+micro-batch is spread over all devices, not parked on 1/A of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Array = jax.Array
+# fn(trainable, micro_batch) -> (loss_sum, aux): a loss summed (not averaged) over its units
+# (tokens, pairs) and a dict of sums; the step divides by the window's total afterwards.
+SumLossFn = Callable[[Any, dict[str, Array]], tuple[Array, dict[str, Array]]]
+
+
+def combine_params(trainable: Any, frozen: Any) -> Any:
+  """The model's full param tree from the two disjoint halves of the state (DESIGN decision 3).
+
+  For full fine-tuning `frozen` is empty and this is `trainable`. Nested dicts merge key by key.
+  """
+  if not frozen:
+    return trainable
+  if not trainable:
+    return frozen
+  if isinstance(trainable, dict) and isinstance(frozen, dict):
+    both = trainable.keys() & frozen.keys()
+    out = {**frozen, **trainable}
+    for key in both:
+      out[key] = combine_params(trainable[key], frozen[key])
+    return out
+  raise ValueError(
+      f"trainable and frozen params overlap on a leaf ({type(trainable).__name__} vs "
+      f"{type(frozen).__name__}); each param must live in exactly one of the two trees")
+
+
+def interleave_micro_batches(micro_batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """A micro-batches of B rows (host numpy) -> one batch of A * B rows, row b * A + a from
+  micro-batch a. Shorter micro-batches are right-padded to the longest (0 = padding in every
+  contract field: segment 0, no loss)."""
+  length = max(mb["tokens"].shape[1] for mb in micro_batches)
+
+  def pad(x):
+    return np.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+  keys = micro_batches[0].keys()
+  return {k: np.stack([pad(np.asarray(mb[k])) for mb in micro_batches], axis=1).reshape(
+      -1, length, *micro_batches[0][k].shape[2:]) for k in keys}
+
+
+def split_micro_batches(batch: dict[str, Array], num_micro: int) -> dict[str, Array]:
+  """(A * B, ...) leaves -> (A, B, ...), undoing `interleave_micro_batches`."""
+  def split(x):
+    if x.shape[0] % num_micro:
+      raise ValueError(
+          f"a batch of {x.shape[0]} rows cannot be split into grad_accum={num_micro} micro-batches")
+    return jnp.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn: SumLossFn, trainable: Any, batch: dict[str, Array],
+                         num_micro: int) -> tuple[Any, Array, dict[str, Array]]:
+  """(sum of gradients, sum of losses, sums of aux) over the micro-batches of one window.
+
+  Gradients of *sums* are added up; the caller divides by the window's total count, so
+  `sum_i loss_sum_i / sum_i n_i` is exactly the full-batch loss (a mean of per-micro-batch
+  means would weigh a micro-batch with few targets as much as one with many).
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_micro == 1:
+    (loss_sum, aux), grads = grad_fn(trainable, batch)
+    return grads, loss_sum, aux
+
+  micro = split_micro_batches(batch, num_micro)
+
+  def body(carry, micro_batch):
+    (loss_sum, aux), grads = grad_fn(trainable, micro_batch)
+    return jax.tree.map(jnp.add, carry, (grads, loss_sum, aux)), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(trainable, first)))
+  (loss0, aux0), grads0 = zeros
+  (grads, loss_sum, aux), _ = jax.lax.scan(body, (grads0, loss0, aux0), micro)
+  return grads, loss_sum, aux
+
+
+def apply_gradients(state, grads: Any, opt) -> tuple[Any, dict[str, Array]]:
+  """One optimizer step on `state.trainable` with already-normalised `grads`.
+
+  Returns the new state and {grad_norm (before clipping), lr (used by this step)}.
+  """
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = opt.tx.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  rng, _ = jax.random.split(state.rng)
+  new_state = state.replace(trainable=trainable, opt_state=opt_state, step=state.step + 1, rng=rng)
+  return new_state, {"grad_norm": grad_norm, "lr": jnp.asarray(opt.schedule(state.step))}
