@@ -56,7 +56,11 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: str = "none"
+  # Layers run under nn.scan (compile time flat in depth); unrolling k layers per scan step
+  # lets XLA:CPU skip the per-layer weight slicing (8-layer model: fwd+bwd ~30% faster at 8).
   scan_unroll: int = 1
+  # Queries attend in chunks of this many tokens, skipping fully masked key blocks (0 = off).
+  attention_chunk: int = 128
   bos_token_id: int | None = None
   eos_token_id: int | None = None
   pad_token_id: int | None = None

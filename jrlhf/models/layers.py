@@ -158,7 +158,60 @@ def cache_mask(cache_valid_BxS: Array, index: Array, length: int, window: int | 
   slots = cache_valid_BxS.shape[1]
   q_idx = index + jnp.arange(length)[:, None]
   k_idx = jnp.arange(slots)[None, :]
-  visible_LxS = k_idx < index
+  visible_LxS = jnp.broadcast_to(k_idx < index, (length, slots))
   if window is not None:
     visible_LxS &= q_idx - k_idx < window
   return visible_LxS[None] & cache_valid_BxS[:, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over one or more key sets (cache slots, new tokens) without concatenating keys.
+
+
+def attend(q_BxLxKxGxDh: Array, keys: list[Array], values: list[Array],
+           masks: list[Array]) -> Array:
+  """softmax(q k^T) v over the union of key sets; each k/v is (B, S_i, K, Dh), mask (B, L, S_i).
+
+  Scores and softmax are float32 whatever the compute dtype: bf16 scores lose the small
+  differences that softmax amplifies. Keys are never concatenated (that would copy a KV cache on
+  every decode step); only the small score tensors are.
+  """
+  scores = [jnp.einsum("BLKGd,BSKd->BKGLS", q_BxLxKxGxDh, k, preferred_element_type=jnp.float32)
+            for k in keys]
+  scores_BxKxGxLxS = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
+  mask_BxLxS = jnp.concatenate(masks, axis=-1) if len(masks) > 1 else masks[0]
+  scores_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxKxGxLxS,
+                               jnp.finfo(jnp.float32).min)
+  probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(q_BxLxKxGxDh.dtype)
+  out_BxLxKxGxDh, start = 0, 0
+  for v in values:
+    size = v.shape[1]
+    out_BxLxKxGxDh += jnp.einsum("BKGLS,BSKd->BLKGd", probs_BxKxGxLxS[..., start:start + size], v)
+    start += size
+  return out_BxLxKxGxDh
+
+
+def chunked_causal_attend(q_BxLxKxGxDh: Array, k_BxLxKxDh: Array, v_BxLxKxDh: Array,
+                          mask_BxLxL: Array, chunk: int, window: int | None,
+                          cache: tuple[Array, Array, Array] | None = None) -> Array:
+  """`attend` over the new tokens (plus an optional cache), one query chunk at a time.
+
+  A chunk of queries only looks at keys up to its own end (later keys are masked by causality,
+  and before `window` by the sliding window), so about half of the score matrix is never
+  computed: on CPU this is ~1.5x faster than the full masked product, fwd+bwd.
+  """
+  length = q_BxLxKxGxDh.shape[1]
+  chunk = chunk if 0 < chunk < length else length
+  outs = []
+  for start in range(0, length, chunk):
+    end = min(start + chunk, length)
+    lo = 0 if window is None else max(0, start - window + 1)
+    keys, values, masks = [k_BxLxKxDh[:, lo:end]], [v_BxLxKxDh[:, lo:end]], [
+        mask_BxLxL[:, start:end, lo:end]]
+    if cache is not None:
+      cache_k, cache_v, cache_mask_BxLxS = cache
+      keys.insert(0, cache_k)
+      values.insert(0, cache_v)
+      masks.insert(0, cache_mask_BxLxS[:, start:end])
+    outs.append(attend(q_BxLxKxGxDh[:, start:end], keys, values, masks))
+  return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]

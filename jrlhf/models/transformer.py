@@ -73,23 +73,10 @@ class Attention(nn.Module):
       k_BxLxKxDh = layers.apply_rope(k_BxLxKxDh, side.positions_BxL, inv_freq)
 
     q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, length, k, h // k, dh) * (dh ** -0.5)
-    # Scores and softmax in float32: bf16 logits lose the small differences softmax amplifies.
-    scores = [jnp.einsum("BLKGd,BSKd->BKGLS", q_BxLxKxGxDh, k_BxLxKxDh,
-                         preferred_element_type=jnp.float32)]
-    masks = [side.self_mask_BxLxL]
-    values = [v_BxLxKxDh]
-    if cache_kv is not None:
-      cache_k, cache_v = cache_kv
-      scores.insert(0, jnp.einsum("BLKGd,BSKd->BKGLS", q_BxLxKxGxDh, cache_k,
-                                  preferred_element_type=jnp.float32))
-      masks.insert(0, side.cache_mask_BxLxS)
-      values.insert(0, cache_v)
-    scores_BxKxGxLxS = jnp.concatenate(scores, axis=-1)
-    mask_BxLxS = jnp.concatenate(masks, axis=-1)[:, None, None]
-    scores_BxKxGxLxS = jnp.where(mask_BxLxS, scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(x_BxLxD.dtype)
-    v_BxSxKxDh = jnp.concatenate(values, axis=1) if len(values) > 1 else values[0]
-    out_BxLxKxGxDh = jnp.einsum("BKGLS,BSKd->BLKGd", probs_BxKxGxLxS, v_BxSxKxDh)
+    cache = None if cache_kv is None else (*cache_kv, side.cache_mask_BxLxS)
+    out_BxLxKxGxDh = layers.chunked_causal_attend(
+        q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, side.self_mask_BxLxL, cfg.attention_chunk,
+        cfg.sliding_window, cache)
     out_BxLxD = layers.Dense(cfg.hidden_size, ("heads", "embed"), cfg.attention_out_bias, cfg,
                              name="o")(out_BxLxKxGxDh.reshape(b, length, h * dh))
     return out_BxLxD, (k_BxLxKxDh, v_BxLxKxDh)

@@ -56,7 +56,8 @@ def test_logits_match_transformers(case, tmp_path):
   family, kwargs = CASES[case]
   hf = hf_model(family, kwargs)
   hf.save_pretrained(tmp_path)
-  model, params = from_pretrained(tmp_path)
+  # Query chunks of 4 over 12 tokens: the chunked path, with and without a sliding window.
+  model, params = from_pretrained(tmp_path, attention_chunk=4)
   assert model.cfg.family == family
   x = tokens()
   ours = np.asarray(model.apply({"params": params}, x))

@@ -33,8 +33,10 @@ def tokens(batch=2, length=10, seed=0):
 def test_causal_no_gradient_from_later_tokens(cfg):
   model, params = init(cfg)
   emb_BxLxD = params["embed"][tokens()]
+  grad_fn = jax.jit(jax.grad(lambda e, t: apply_from_embeddings(model, params, e)[:, t].sum()),
+                    static_argnums=1)
   for t in (0, 4, 9):
-    grad_BxLxD = jax.grad(lambda e: apply_from_embeddings(model, params, e)[:, t].sum())(emb_BxLxD)
+    grad_BxLxD = grad_fn(emb_BxLxD, t)
     per_position = np.abs(np.asarray(grad_BxLxD)).sum(axis=(0, 2))
     assert np.all(per_position[t + 1:] == 0), (t, per_position)
     assert np.all(per_position[: t + 1] > 0), (t, per_position)
@@ -101,10 +103,24 @@ def test_remat_and_unroll_change_nothing_numerically(remat):
   model, params = init(CFG)
   x = tokens()
   loss = lambda m: lambda p: m.apply({"params": p}, x).mean()  # noqa: E731
-  ref_val, ref_grad = jax.value_and_grad(loss(model))(params)
+  ref_val, ref_grad = jax.jit(jax.value_and_grad(loss(model)))(params)
   other = Transformer(ModelConfig(**{**_fields(CFG), "remat": remat, "scan_unroll": 2}))
-  val, grad = jax.value_and_grad(loss(other))(params)
+  val, grad = jax.jit(jax.value_and_grad(loss(other)))(params)
   np.testing.assert_allclose(val, ref_val, rtol=1e-6)
+  chex.assert_trees_all_close(grad, ref_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk,window", [(3, None), (4, None), (4, 3), (16, 5)])
+def test_chunked_attention_equals_unchunked(chunk, window):
+  base = ModelConfig(**{**_fields(CFG), "sliding_window": window, "attention_chunk": 0})
+  chunked = ModelConfig(**{**_fields(base), "attention_chunk": chunk})
+  _, params = init(base)
+  x = tokens()
+  segments = jnp.array([[1] * 6 + [2] * 4, [1] * 10])
+  f = lambda cfg: jax.jit(jax.value_and_grad(  # noqa: E731
+      lambda p: Transformer(cfg).apply({"params": p}, x, segment_ids_BxL=segments).mean()))
+  (val, grad), (ref_val, ref_grad) = f(chunked)(params), f(base)(params)
+  np.testing.assert_allclose(val, ref_val, atol=1e-6)
   chex.assert_trees_all_close(grad, ref_grad, atol=1e-6)
 
 
@@ -124,11 +140,12 @@ def test_cache_decode_equals_full_forward(cfg):
   x = tokens(length=9)
   full = model.apply({"params": params}, x)
   cache = KVCache.empty(cfg, batch=2, slots=12)
-  last, cache = model.apply({"params": params}, x[:, :6], cache=cache)
+  apply = jax.jit(model.apply)
+  last, cache = apply({"params": params}, x[:, :6], cache=cache)
   np.testing.assert_allclose(last, full[:, 5], atol=1e-5)
   for t in range(6, 9):
     pos = jnp.full((2, 1), t)
-    last, cache = model.apply({"params": params}, x[:, t:t + 1], positions_BxL=pos, cache=cache)
+    last, cache = apply({"params": params}, x[:, t:t + 1], positions_BxL=pos, cache=cache)
     np.testing.assert_allclose(last, full[:, t], atol=1e-5)
   assert int(cache.index) == 9 and bool(cache.valid_BxS[:, :9].all())
 
