@@ -28,8 +28,9 @@ class DataConfig:
   source: "tiny" (the embedded task), a hub dataset id, or a local .json/.jsonl/.parquet/.csv file.
   subset: the hub dataset's config name, if it has several.
   format: text | messages | prompt_completion | auto (chosen from the columns).
-  split / eval_split: dataset splits; without an eval_split, `eval_fraction` of `split` is held
-    out (by `split_seed`). The tiny task generates its own disjoint held-out set.
+  split / eval_split: dataset splits; without an eval_split, `eval_fraction` of `split` (at least
+    1, at most num_eval_examples) is held out by `split_seed`. The tiny task generates its own
+    disjoint held-out set.
   split_seed: seed of the held-out split and of the tiny task's generation. Apart from the run
     seed so that a sweep over seeds evaluates on one held-out set.
   num_train_examples: cap on training examples (None = all; the tiny task then makes 20000).

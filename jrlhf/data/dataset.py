@@ -116,8 +116,10 @@ def load_rows(cfg: DataConfig, seed: int | None = None) -> tuple[Any, Any]:
   train = _load_hf(cfg, cfg.split)
   if cfg.eval_split is not None:
     eval_ = _load_hf(cfg, cfg.eval_split)
-  elif cfg.eval_fraction > 0 and len(train) > 1:
-    parts = train.train_test_split(test_size=cfg.eval_fraction, seed=split_seed)
+  elif cfg.eval_fraction > 0 and cfg.num_eval_examples > 0 and len(train) > 1:
+    # At least one example, and no more than eval will use: the rest stays in training.
+    n_eval = min(max(1, round(len(train) * cfg.eval_fraction)), cfg.num_eval_examples)
+    parts = train.train_test_split(test_size=n_eval, seed=split_seed)
     train, eval_ = parts["train"], parts["test"]
   else:
     eval_ = train.select([])

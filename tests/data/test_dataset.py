@@ -49,6 +49,14 @@ def test_local_files_load_through_datasets(tiny_tok, tmp_path, suffix):
   assert decoded == {f"<bos>q{i}:a{i}<eos>" for i in range(20)}
 
 
+def test_eval_fraction_holds_out_at_least_one_and_at_most_num_eval(tiny_tok, tmp_path):
+  path = write(tmp_path / "d.jsonl", ROWS)
+  for fraction, num_eval, expected in [(0.01, 256, 1), (0.5, 4, 4), (0.5, 256, 10)]:
+    cfg = DataConfig(source=str(path), eval_fraction=fraction, num_eval_examples=num_eval)
+    train, eval_, _ = load_dataset(cfg, tiny_tok)
+    assert (len(train), len(eval_)) == (20 - expected, expected)
+
+
 def test_eval_split_and_caps(tiny_tok, tmp_path):
   """A folder of files is a `datasets` dataset with named splits."""
   write(tmp_path / "train.jsonl", ROWS)
