@@ -75,6 +75,12 @@ def test_missing_file_and_bad_suffix_are_explained(tiny_tok, tmp_path):
     load_dataset(DataConfig(source=str(tmp_path / "data.txt")), tiny_tok)
 
 
+def test_unreachable_hub_id_is_explained(tiny_tok):
+  """Tests run with HF_HUB_OFFLINE=1 (tests/conftest.py): a hub id fails fast, with the fix."""
+  with pytest.raises(ValueError, match="a hub id in the local cache, or data.source=tiny"):
+    load_dataset(DataConfig(source="someone/not-a-dataset"), tiny_tok)
+
+
 def test_truncation_keeps_the_start_and_drops_lost_completions(tiny_tok):
   rows = [
       {"prompt": "abc", "completion": "defghij"},   # 12 tokens: cut to 8, targets survive
