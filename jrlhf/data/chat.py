@@ -20,6 +20,9 @@ import numpy as np
 
 from jrlhf.data.formats import MalformedRow
 
+EVERY_TOKEN = ("data.assistant_only_loss=false (chats) or data.completion_only_loss=false "
+               "(prompt/completion) trains on every token instead")
+
 
 def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
   try:
@@ -44,8 +47,8 @@ def _turn_start(tokenizer, messages, i: int, after: str) -> int:
     if after.startswith(before):
       return len(before)
   raise MalformedRow(f"the chat template renders messages[:{i}] differently inside the full "
-                     f"conversation, so turn {i} cannot be located; this template cannot give "
-                     "per-turn masks (data.assistant_only_loss=false trains on every token)")
+                     f"conversation, so turn {i} cannot be located and this template cannot give "
+                     f"per-turn masks; {EVERY_TOKEN}")
 
 
 def target_spans(tokenizer, messages: Sequence[dict],
@@ -60,7 +63,7 @@ def target_spans(tokenizer, messages: Sequence[dict],
     if not text.startswith(after):
       raise MalformedRow(f"the chat template renders messages[:{i + 1}] differently inside the "
                          "full conversation (it rewrites earlier turns), so turn masks cannot be "
-                         "computed; data.assistant_only_loss=false trains on every token")
+                         f"computed; {EVERY_TOKEN}")
     start = _turn_start(tokenizer, messages, i, after)
     spans.append((start, start + len(after[start:].rstrip())))
   return text, spans

@@ -131,3 +131,14 @@ def test_assistant_only_mask_with_bpe_merges():
 def test_malformed_rows(tiny_tok, row, fmt, reason):
   with pytest.raises(MalformedRow, match=reason):
     Encoder(tiny_tok).encode(row, fmt)
+
+
+def test_template_that_rewrites_earlier_turns_is_refused_with_the_alternative(tiny_tok):
+  """Like Qwen3 dropping earlier reasoning: prefixes do not line up, so no mask is guessed."""
+  rewriting = PreTrainedTokenizerFast(
+      tokenizer_object=tiny_tok.backend_tokenizer, bos_token="<bos>", eos_token="<eos>",
+      pad_token="<pad>", unk_token="<unk>",
+      chat_template="{% for m in messages %}{% if loop.last %}> {% endif %}{{ m['role'] }}: "
+                    "{{ m['content'] }}\n{% endfor %}")
+  with pytest.raises(MalformedRow, match="data.assistant_only_loss=false"):
+    Encoder(rewriting).encode({"messages": CHAT[1:4]}, "messages")
