@@ -85,8 +85,8 @@ class Generations:
     per = len(self.prompt_BxP) // ranks
     local = {"p": self.prompt_BxP[rank * per:(rank + 1) * per],
              "m": self.mask_BxP[rank * per:(rank + 1) * per]}
-    prompt, mask = put_batch(local, self.mesh).values()
-    out = self.sampler(params, prompt, mask, rng)
+    placed = put_batch(local, self.mesh)
+    out = self.sampler(params, placed["p"], placed["m"], rng)
     # Every process scores every row (cheap, host-side) so all agree on the metric.
     out = multihost_utils.process_allgather(out, tiled=True) if ranks > 1 else jax.device_get(out)
     rows, scores = [], []
