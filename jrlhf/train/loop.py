@@ -3,8 +3,8 @@
   final = train(cfg, pathlib.Path("runs/my-run"))   # cfg: jrlhf.config.Config
 
 Per step: build the host batch, place it, dispatch the jitted step, *then* read the previous
-step's metrics, so the host never waits on the step it just queued. At the eval / checkpoint /
-log cadences the loop syncs on the current step. NaN/Inf in the loss saves a checkpoint and
+step's metrics, so the host never waits on the step it just queued. Only eval, checkpoints, a
+stop signal and the last step sync on the current step. NaN/Inf in the loss saves a checkpoint and
 raises `NonFiniteLoss`; SIGTERM/SIGINT save and exit with status 128 + signal, and running the
 same command again resumes from the checkpoint (same data position: batch N is a function of N).
 """
