@@ -30,7 +30,8 @@ def pad_rows(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarra
   extra = -rows % multiple
   if not extra:
     return batch
-  return {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+  return {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()}
 
 
 def eval_loss(eval_fn: Callable, state: Any, batches: Iterable[dict[str, np.ndarray]], mesh,

@@ -5,7 +5,6 @@ import os
 import pathlib
 import signal
 
-import chz
 import jax
 import numpy as np
 import orbax.checkpoint as ocp

@@ -56,7 +56,8 @@ def test_decay_mask_spares_biases_and_norm_scales_even_when_scanned():
 
 def test_weight_decay_skips_masked_leaves():
   opt = make_optimizer(OptimConfig(lr=0.1, weight_decay=0.5, max_grad_norm=0), 10)
-  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}, "norm": {"scale": jnp.ones(2)}}
+  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))},
+            "norm": {"scale": jnp.ones(2)}}
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = opt.tx.update(zeros, opt.tx.init(params), params)
   np.testing.assert_allclose(updates["dense"]["kernel"], -0.1 * 0.5, rtol=1e-6)

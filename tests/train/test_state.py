@@ -20,7 +20,8 @@ def test_optimizer_moments_are_sharded_like_their_params():
   opt = make_optimizer(OptimConfig(weight_decay=0.1), 10)
   _, state, state_sh = create_state(CFG, opt, mesh)
   up = state.trainable["layers"]["mlp"]["up"]["kernel"]
-  assert up.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P(None, "fsdp", "tensor")), 3)
+  expected = jax.sharding.NamedSharding(mesh, P(None, "fsdp", "tensor"))
+  assert up.sharding.is_equivalent_to(expected, 3)
   adam = state.opt_state[1][0]
   for moment in (adam.mu, adam.nu):
     jax.tree.map(lambda m, p: np.testing.assert_equal(
