@@ -118,7 +118,14 @@ def main(argv: list[str] | None = None, train_fns: Mapping[type, Trainer] | None
   run_dir.mkdir(parents=True, exist_ok=True)
   _warn_if_config_changed(run_dir / "config.json", config.flatten(cfg))
   config.write_config(cfg, run_dir / "config.json")
-  fn(cfg, run_dir)
+  from jrlhf.train.checkpoint import ResumeMismatch  # noqa: PLC0415 - see trainers()
+  from jrlhf.train.loop import NonFiniteLoss  # noqa: PLC0415
+
+  try:
+    fn(cfg, run_dir)
+  except (NonFiniteLoss, ResumeMismatch) as e:  # the message says what to change; no traceback
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -99,6 +99,17 @@ def test_changed_config_in_existing_run_dir_warns(in_tmp, capsys):
   assert "optim.lr" in capsys.readouterr().err
 
 
+def test_a_run_that_stops_on_bad_values_says_why_without_a_traceback(in_tmp, capsys):
+  from jrlhf.train.loop import NonFiniteLoss
+
+  def diverges(cfg, run_dir):
+    raise NonFiniteLoss("loss is nan at step 7; checkpoint saved")
+
+  assert run.main(["run_dir=r"], train_fns={SFTConfig: diverges}) == 1
+  err = capsys.readouterr().err
+  assert "error: loss is nan at step 7" in err and "Traceback" not in err
+
+
 def test_the_real_dispatch_table_covers_every_algorithm():
   assert set(run.trainers()) == set(config.ALGORITHMS.values())
 
