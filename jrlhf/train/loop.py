@@ -225,7 +225,9 @@ class _Run:
 
   def loop(self) -> dict[str, Any]:
     steps, tcfg = self.cfg.steps, self.tcfg
+    # In a log file (no terminal) every redraw would be a line: redraw every 30 s there.
     self.bar = tqdm.tqdm(total=steps, initial=self.start, unit="step", dynamic_ncols=True,
+                         mininterval=0.1 if sys.stderr.isatty() else 30,
                          disable=not tcfg.progress or jax.process_index() != 0)
     pending = None  # (step number, device metrics, input tokens) of the step in flight
     stop = checkpoint.StopSignal()

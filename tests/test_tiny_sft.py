@@ -1,0 +1,44 @@
+"""The embedded default end to end, through the CLI exactly as the README runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, cwd):
+  env = dict(os.environ, TQDM_DISABLE="1")
+  return subprocess.run([sys.executable, "-m", "jrlhf.run", "experiment=tiny/sft", *args],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def read_metrics(run_dir):
+  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_shortened_tiny_sft_loss_falls(tmp_path):
+  run_dir = tmp_path / "run"
+  proc = run_cli("steps=60", "train.log_every=10", "train.eval_every=60",
+                 "train.checkpoint_every=60", "train.num_samples=8", f"run_dir={run_dir}",
+                 cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = read_metrics(run_dir)
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert losses[-1] < 0.6 * losses[0], losses
+  assert any("eval/accuracy" in r for r in rows)
+  assert (run_dir / "samples.jsonl").exists() and (run_dir / "checkpoints" / "60").exists()
+  tail = proc.stdout.strip().splitlines()[-3:]
+  assert [line.split(":")[0] for line in tail] == [
+      "[jrlhf] metrics", "[jrlhf] samples", "[jrlhf] checkpoint"], tail
+
+
+@pytest.mark.slow
+def test_full_tiny_sft_beats_chance_by_far(tmp_path):
+  run_dir = tmp_path / "run"
+  proc = run_cli(f"run_dir={run_dir}", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  accuracy = [r["eval/accuracy"] for r in read_metrics(run_dir) if "eval/accuracy" in r]
+  # Chance is ~0.25% (jrlhf.data.tiny_task.chance_accuracy); a full run reaches ~70%.
+  assert accuracy[-1] > 0.4, accuracy
