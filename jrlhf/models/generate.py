@@ -19,7 +19,7 @@ import chz
 import jax
 import jax.numpy as jnp
 
-from jrlhf.models.transformer import KVCache, Transformer
+from jrlhf.models.transformer import KVCache, Transformer, unstack_layers
 
 Array = jax.Array
 
@@ -165,7 +165,9 @@ def generate(model: Transformer, params: Any, prompt_BxP: Array, prompt_mask_BxP
   n = cfg.max_new_tokens
   prompt_mask_BxP = prompt_mask_BxP.astype(bool)
   # The last sampled token is never fed back, so P + N - 1 slots hold everything attended to.
-  cache = KVCache.empty(model.cfg, b, p + n - 1)
+  cache = KVCache.empty(model.cfg, b, p + n - 1, per_layer=True)
+  # One copy of the weights per call, so no decode step copies a layer out of the stack.
+  model, params = model.clone(unstacked=True), unstack_layers(params, model.cfg.num_layers)
   logits_BxV, cache = model.apply({"params": params}, prompt_BxP.astype(jnp.int32),
                                   attention_mask_BxL=prompt_mask_BxP, cache=cache)
   loop = _Loop(

@@ -153,12 +153,15 @@ def self_mask(valid_BxL: Array, segment_ids_BxL: Array | None, window: int | Non
   return mask_BxLxL
 
 
-def cache_mask(cache_valid_BxS: Array, index: Array, length: int, window: int | None) -> Array:
-  """Mask (B, L, S) of new tokens (which will sit at slots index..index+L-1) over cache slots."""
+def cache_mask(cache_valid_BxS: Array, index: Array, length: int, window: int | None,
+               include_new: bool = False) -> Array:
+  """Mask (B, L, S) of new tokens (which will sit at slots index..index+L-1) over cache slots;
+  with `include_new`, the new tokens are already in the cache and see themselves causally."""
   slots = cache_valid_BxS.shape[1]
   q_idx = index + jnp.arange(length)[:, None]
   k_idx = jnp.arange(slots)[None, :]
-  visible_LxS = jnp.broadcast_to(k_idx < index, (length, slots))
+  visible_LxS = jnp.broadcast_to((k_idx <= q_idx) if include_new else (k_idx < index),
+                                 (length, slots))
   if window is not None:
     visible_LxS &= q_idx - k_idx < window
   return visible_LxS[None] & cache_valid_BxS[:, None, :]
@@ -170,13 +173,13 @@ def cache_mask(cache_valid_BxS: Array, index: Array, length: int, window: int | 
 
 def attend(q_BxLxKxGxDh: Array, keys: list[Array], values: list[Array],
            masks: list[Array]) -> Array:
-  """softmax(q k^T) v over the union of key sets; each k/v is (B, S_i, K, Dh), mask (B, L, S_i).
+  """softmax(q k^T) v over the union of key sets; each k/v is (B, K, S_i, Dh), mask (B, L, S_i).
 
   Scores and softmax are float32 whatever the compute dtype: bf16 scores lose the small
   differences that softmax amplifies. Keys are never concatenated (that would copy a KV cache on
   every decode step); only the small score tensors are.
   """
-  scores = [jnp.einsum("BLKGd,BSKd->BKGLS", q_BxLxKxGxDh, k, preferred_element_type=jnp.float32)
+  scores = [jnp.einsum("BLKGd,BKSd->BKGLS", q_BxLxKxGxDh, k, preferred_element_type=jnp.float32)
             for k in keys]
   scores_BxKxGxLxS = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
   mask_BxLxS = jnp.concatenate(masks, axis=-1) if len(masks) > 1 else masks[0]
@@ -185,13 +188,13 @@ def attend(q_BxLxKxGxDh: Array, keys: list[Array], values: list[Array],
   probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(q_BxLxKxGxDh.dtype)
   out_BxLxKxGxDh, start = 0, 0
   for v in values:
-    size = v.shape[1]
-    out_BxLxKxGxDh += jnp.einsum("BKGLS,BSKd->BLKGd", probs_BxKxGxLxS[..., start:start + size], v)
+    size = v.shape[2]
+    out_BxLxKxGxDh += jnp.einsum("BKGLS,BKSd->BLKGd", probs_BxKxGxLxS[..., start:start + size], v)
     start += size
   return out_BxLxKxGxDh
 
 
-def chunked_causal_attend(q_BxLxKxGxDh: Array, k_BxLxKxDh: Array, v_BxLxKxDh: Array,
+def chunked_causal_attend(q_BxLxKxGxDh: Array, k_BxKxLxDh: Array, v_BxKxLxDh: Array,
                           mask_BxLxL: Array, chunk: int, window: int | None,
                           cache: tuple[Array, Array, Array] | None = None) -> Array:
   """`attend` over the new tokens (plus an optional cache), one query chunk at a time.
@@ -206,7 +209,7 @@ def chunked_causal_attend(q_BxLxKxGxDh: Array, k_BxLxKxDh: Array, v_BxLxKxDh: Ar
   for start in range(0, length, chunk):
     end = min(start + chunk, length)
     lo = 0 if window is None else max(0, start - window + 1)
-    keys, values, masks = [k_BxLxKxDh[:, lo:end]], [v_BxLxKxDh[:, lo:end]], [
+    keys, values, masks = [k_BxKxLxDh[:, :, lo:end]], [v_BxKxLxDh[:, :, lo:end]], [
         mask_BxLxL[:, start:end, lo:end]]
     if cache is not None:
       cache_k, cache_v, cache_mask_BxLxS = cache

@@ -8,7 +8,7 @@ prefill and decode without ever copying the cache.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -30,17 +30,21 @@ class KVCache(NamedTuple):
   """Keys/values of every layer at slots 0..S-1; `valid_BxS` marks real tokens already written;
   `index` is the next slot to write (shared by all rows: prompts are left-padded)."""
 
-  k_LxBxSxKxDh: Array
-  v_LxBxSxKxDh: Array
+  k_LxBxKxSxDh: Any  # one (L, B, K, S, Dh) array, or a tuple of L (B, K, S, Dh) arrays
+  v_LxBxKxSxDh: Any
   valid_BxS: Array
   index: Array
 
   @classmethod
-  def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
-    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+  def empty(cls, cfg: ModelConfig, batch: int, slots: int, per_layer: bool = False) -> "KVCache":
+    shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-               jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+    if per_layer:
+      k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+      v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    else:
+      k = v = jnp.zeros((cfg.num_layers, *shape), dtype)
+    return cls(k, v, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
 
 
 class Side(NamedTuple):
@@ -49,6 +53,8 @@ class Side(NamedTuple):
   positions_BxL: Array
   self_mask_BxLxL: Array
   cache_mask_BxLxS: Array | None
+  # Set when each layer writes its new keys into its own cache before attending (unstacked).
+  cache_index: Array | None = None
 
 
 class Attention(nn.Module):
@@ -73,13 +79,28 @@ class Attention(nn.Module):
       k_BxLxKxDh = layers.apply_rope(k_BxLxKxDh, side.positions_BxL, inv_freq)
 
     q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, length, k, h // k, dh) * (dh ** -0.5)
-    cache = None if cache_kv is None else (*cache_kv, side.cache_mask_BxLxS)
-    out_BxLxKxGxDh = layers.chunked_causal_attend(
-        q_BxLxKxGxDh, k_BxLxKxDh, v_BxLxKxDh, side.self_mask_BxLxL, cfg.attention_chunk,
-        cfg.sliding_window, cache)
+    # Keys/values are (B, K, S, Dh) everywhere: batch dims lead, so the score and value matmuls
+    # read the cache as it is stored (a (B, S, K, Dh) cache was transposed every decode step).
+    k_BxKxLxDh, v_BxKxLxDh = k_BxLxKxDh.transpose(0, 2, 1, 3), v_BxLxKxDh.transpose(0, 2, 1, 3)
+    if side.cache_index is not None:
+      # Write first, then attend over the whole cache: the reads depend on the write, so XLA
+      # updates this layer's cache in place instead of copying it.
+      start = (0, 0, side.cache_index, 0)
+      cache_k = jax.lax.dynamic_update_slice(
+          cache_kv[0], k_BxKxLxDh.astype(cache_kv[0].dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(
+          cache_kv[1], v_BxKxLxDh.astype(cache_kv[1].dtype), start)
+      out_BxLxKxGxDh = layers.attend(q_BxLxKxGxDh, [cache_k], [cache_v], [side.cache_mask_BxLxS])
+      new_kv = (cache_k, cache_v)
+    else:
+      cache = None if cache_kv is None else (*cache_kv, side.cache_mask_BxLxS)
+      out_BxLxKxGxDh = layers.chunked_causal_attend(
+          q_BxLxKxGxDh, k_BxKxLxDh, v_BxKxLxDh, side.self_mask_BxLxL, cfg.attention_chunk,
+          cfg.sliding_window, cache)
+      new_kv = (k_BxKxLxDh, v_BxKxLxDh)
     out_BxLxD = layers.Dense(cfg.hidden_size, ("heads", "embed"), cfg.attention_out_bias, cfg,
                              name="o")(out_BxLxKxGxDh.reshape(b, length, h * dh))
-    return out_BxLxD, (k_BxLxKxDh, v_BxLxKxDh)
+    return out_BxLxD, new_kv
 
 
 class MLP(nn.Module):
@@ -129,6 +150,10 @@ class Transformer(nn.Module):
 
   cfg: ModelConfig
   head: str = "lm"
+  # One module per layer (params under layers_0..layers_{n-1}, see `unstack_layers`) instead
+  # of a scan over stacked weights: for decoding, where a scan copies every layer's weights
+  # and cache slice on every step (XLA:CPU cannot feed a matmul from a slice in place).
+  unstacked: bool = False
 
   def setup(self):
     cfg = self.cfg
@@ -143,10 +168,13 @@ class Transformer(nn.Module):
     block = Block
     if cfg.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    self.layers = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, 0), length=cfg.num_layers, unroll=cfg.scan_unroll,
-        metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    if self.unstacked:
+      self.blocks = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    else:
+      self.layers = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, 0), length=cfg.num_layers, unroll=cfg.scan_unroll,
+          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     self.final_norm = layers.make_norm(cfg, "final_norm")
     if self.head == "scalar":
       self.score = layers.Dense(1, ("embed", None), False, cfg, name="score")
@@ -163,25 +191,39 @@ class Transformer(nn.Module):
       positions_BxL = default_positions(tokens_BxL, attention_mask_BxL)
     valid_BxL = (jnp.ones((b, length), bool) if attention_mask_BxL is None
                  else attention_mask_BxL.astype(bool))
-    side = Side(
-        positions_BxL,
-        layers.self_mask(valid_BxL, segment_ids_BxL, cfg.sliding_window),
-        None if cache is None else layers.cache_mask(cache.valid_BxS, cache.index, length,
-                                                      cfg.sliding_window))
     x_BxLxD = self.embed.astype(cfg.dtype)[tokens_BxL]
     if cfg.is_gpt2:
       x_BxLxD = x_BxLxD + self.pos_embed.astype(cfg.dtype)[positions_BxL]
-    cache_kv = None if cache is None else (cache.k_LxBxSxKxDh, cache.v_LxBxSxKxDh)
-    x_BxLxD, (k_LxBxLxKxDh, v_LxBxLxKxDh) = self.layers(x_BxLxD, side, cache_kv)
+    self_mask_BxLxL = layers.self_mask(valid_BxL, segment_ids_BxL, cfg.sliding_window)
+    if cache is not None:
+      new_valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, valid_BxL, (0, cache.index))
+    if self.unstacked:
+      side = Side(positions_BxL, self_mask_BxLxL, None if cache is None else layers.cache_mask(
+          new_valid_BxS, cache.index, length, cfg.sliding_window, include_new=True),
+          None if cache is None else cache.index)
+      ks, vs = [], []
+      for i, block in enumerate(self.blocks):
+        layer_cache = None if cache is None else (cache.k_LxBxKxSxDh[i], cache.v_LxBxKxSxDh[i])
+        x_BxLxD, (k, v) = block(x_BxLxD, side, layer_cache)
+        ks.append(k)
+        vs.append(v)
+      x_BxLxD = self.final_norm(x_BxLxD)
+      if cache is None:
+        return self._head(x_BxLxD)
+      new_cache = KVCache(tuple(ks), tuple(vs), new_valid_BxS, cache.index + length)
+      return self._head(x_BxLxD[:, -1:])[:, 0], new_cache
+    side = Side(positions_BxL, self_mask_BxLxL, None if cache is None else layers.cache_mask(
+        cache.valid_BxS, cache.index, length, cfg.sliding_window))
+    cache_kv = None if cache is None else (cache.k_LxBxKxSxDh, cache.v_LxBxKxSxDh)
+    x_BxLxD, (k_LxBxKxLxDh, v_LxBxKxLxDh) = self.layers(x_BxLxD, side, cache_kv)
     x_BxLxD = self.final_norm(x_BxLxD)
     if cache is None:
       return self._head(x_BxLxD)
-    start = (0, 0, cache.index, 0, 0)
-    new_cache = KVCache(
-        jax.lax.dynamic_update_slice(cache.k_LxBxSxKxDh, k_LxBxLxKxDh.astype(cache.k_LxBxSxKxDh.dtype), start),
-        jax.lax.dynamic_update_slice(cache.v_LxBxSxKxDh, v_LxBxLxKxDh.astype(cache.v_LxBxSxKxDh.dtype), start),
-        jax.lax.dynamic_update_slice(cache.valid_BxS, valid_BxL, (0, cache.index)),
-        cache.index + length)
+    write = lambda full, new: jax.lax.dynamic_update_slice(  # noqa: E731
+        full, new.astype(full.dtype), (0, 0, 0, cache.index, 0))
+    new_cache = KVCache(write(cache.k_LxBxKxSxDh, k_LxBxKxLxDh),
+                        write(cache.v_LxBxKxSxDh, v_LxBxKxLxDh), new_valid_BxS,
+                        cache.index + length)
     return self._head(x_BxLxD[:, -1:])[:, 0], new_cache
 
   def _head(self, x_BxLxD):
@@ -192,3 +234,11 @@ class Transformer(nn.Module):
     else:
       logits_BxLxV = self.lm_head(x_BxLxD)
     return logits_BxLxV.astype(jnp.float32)
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """Params of `Transformer(unstacked=True)`: the stacked `layers` tree split per layer (a copy)."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+  return out

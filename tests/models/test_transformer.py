@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jrlhf.models import KVCache, ModelConfig, Transformer
+from jrlhf.models.transformer import unstack_layers
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, mlp_dim=48)
@@ -134,12 +135,15 @@ def test_param_and_compute_dtypes_are_separate():
   assert 0 < np.abs(np.asarray(logits - ref)).max() < 0.5
 
 
+@pytest.mark.parametrize("unstacked", [False, True], ids=["scanned", "unstacked"])
 @pytest.mark.parametrize("cfg", [CFG, GPT2], ids=["llama", "gpt2"])
-def test_cache_decode_equals_full_forward(cfg):
+def test_cache_decode_equals_full_forward(cfg, unstacked):
   model, params = init(cfg)
   x = tokens(length=9)
   full = model.apply({"params": params}, x)
-  cache = KVCache.empty(cfg, batch=2, slots=12)
+  cache = KVCache.empty(cfg, batch=2, slots=12, per_layer=unstacked)
+  if unstacked:  # the decode layout: one module and one cache array per layer
+    model, params = model.clone(unstacked=True), unstack_layers(params, cfg.num_layers)
   apply = jax.jit(model.apply)
   last, cache = apply({"params": params}, x[:, :6], cache=cache)
   np.testing.assert_allclose(last, full[:, 5], atol=1e-5)
