@@ -23,39 +23,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jrlhf.models import ModelConfig, Transformer
+import workload  # benchmarks/workload.py: the shared model shape
+from jrlhf.models import Transformer
 from jrlhf.models.generate import Sampler, SamplingConfig
+from jrlhf.models.hf import params_from_state_dict
 
 
 def parse_args():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--hidden", type=int, default=512)
-  ap.add_argument("--layers", type=int, default=8)
-  ap.add_argument("--heads", type=int, default=8)
-  ap.add_argument("--kv-heads", type=int, default=8)
-  ap.add_argument("--mlp", type=int, default=1376)
-  ap.add_argument("--vocab", type=int, default=8192)
-  ap.add_argument("--batch", type=int, default=8)
+  workload.add_model_args(ap)
   ap.add_argument("--prompt-len", type=int, default=64)
   ap.add_argument("--new-tokens", type=int, default=128)
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--scan-unroll", type=int, default=1, help="ModelConfig.scan_unroll")
-  ap.add_argument("--torch-threads", type=int, default=2)
-  ap.add_argument("--no-hf", action="store_true", help="time only jrlhf")
-  ap.add_argument("--tiny", action="store_true", help="tiny sizes for a smoke run")
-  ap.add_argument("--out", help="write results as JSON here")
   args = ap.parse_args()
+  workload.apply_tiny(args)
   if args.tiny:
-    args.hidden, args.layers, args.heads, args.kv_heads = 64, 2, 4, 2
-    args.mlp, args.vocab, args.batch, args.prompt_len, args.new_tokens = 128, 256, 2, 8, 8
+    args.batch, args.prompt_len, args.new_tokens = 2, 8, 8
   return args
-
-
-def model_config(args) -> ModelConfig:
-  return ModelConfig(
-      vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-      num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.hidden // args.heads,
-      mlp_dim=args.mlp, norm_eps=1e-6, rope_theta=10000.0, scan_unroll=args.scan_unroll)
 
 
 def prompts(args):
@@ -73,42 +57,9 @@ def seconds(fn) -> float:
   return time.perf_counter() - start
 
 
-def hf_llama(cfg: ModelConfig):
-  import torch
-  import transformers
-
-  hf_cfg = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp_dim,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
-      rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
-      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-  torch.manual_seed(0)
-  return transformers.LlamaForCausalLM(hf_cfg).to(torch.float32).eval()
-
-
-def params_from_hf(hf_model, num_layers: int) -> dict:
-  """Our param tree from a HF Llama: Linear weights are (out, in), our kernels (in, out)."""
-  sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
-  stack = lambda name, t=True: jnp.asarray(np.stack(  # noqa: E731
-      [sd[f"model.layers.{i}.{name}.weight"].T if t else sd[f"model.layers.{i}.{name}.weight"]
-       for i in range(num_layers)]))
-  return {
-      "embed": jnp.asarray(sd["model.embed_tokens.weight"]),
-      "layers": {
-          "attn": {n: {"kernel": stack(f"self_attn.{n}_proj")} for n in "qkvo"},
-          "attn_norm": {"scale": stack("input_layernorm", False)},
-          "mlp": {n: {"kernel": stack(f"mlp.{n}_proj")} for n in ("gate", "up", "down")},
-          "mlp_norm": {"scale": stack("post_attention_layernorm", False)},
-      },
-      "final_norm": {"scale": jnp.asarray(sd["model.norm.weight"])},
-      "lm_head": {"kernel": jnp.asarray(sd["lm_head.weight"].T)},
-  }
-
-
 def main():
   args = parse_args()
-  cfg = model_config(args)
+  cfg = workload.model_config(args)
   model = Transformer(cfg)
   prompt_BxP, mask_BxP = prompts(args)
   new_tokens = args.batch * args.new_tokens
@@ -118,8 +69,9 @@ def main():
   try:
     import torch
     torch.set_num_threads(args.torch_threads)
-    hf_model = hf_llama(cfg)
-    params = params_from_hf(hf_model, cfg.num_layers)
+    hf_model = workload.hf_llama(cfg, pad_token_id=0).eval()
+    tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+    params = jax.tree.map(jnp.asarray, params_from_state_dict(tensors, model))
   except ImportError:
     params = nn.unbox(model.init(jax.random.key(0), jnp.asarray(prompt_BxP)))["params"]
 

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import workload  # benchmarks/workload.py: the shared model shape
 from jrlhf.algorithms import sft
-from jrlhf.models import ModelConfig
 from jrlhf.sharding import MeshConfig, make_mesh, put_batch, sharding_context
 from jrlhf.train.config import OptimConfig
 from jrlhf.train.optimizer import make_optimizer
@@ -39,27 +39,15 @@ from jrlhf.train.state import create_state
 
 def parse_args():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--hidden", type=int, default=512)
-  ap.add_argument("--layers", type=int, default=8)
-  ap.add_argument("--heads", type=int, default=8)
-  ap.add_argument("--kv-heads", type=int, default=8)
-  ap.add_argument("--mlp", type=int, default=1376)
-  ap.add_argument("--vocab", type=int, default=8192)
-  ap.add_argument("--batch", type=int, default=8)
+  workload.add_model_args(ap)
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--repeats", type=int, default=5)
-  ap.add_argument("--scan-unroll", type=int, default=1, help="ModelConfig.scan_unroll")
   ap.add_argument("--remat", default="none", help="ModelConfig.remat")
-  ap.add_argument("--torch-threads", type=int, default=2)
-  ap.add_argument("--no-hf", action="store_true", help="time only jrlhf")
   ap.add_argument("--breakdown", action="store_true",
                   help="also time jrlhf forward and forward+backward alone")
-  ap.add_argument("--tiny", action="store_true", help="tiny sizes for a smoke run")
-  ap.add_argument("--out", help="write results as JSON here")
   args = ap.parse_args()
+  workload.apply_tiny(args)
   if args.tiny:
-    args.hidden, args.layers, args.heads, args.kv_heads = 64, 2, 4, 4
-    args.mlp, args.vocab = 128, 256
     args.batch, args.seq, args.repeats = 2, 32, 2
   return args
 
@@ -108,11 +96,8 @@ def batch(args) -> dict[str, np.ndarray]:
 
 
 def jrlhf_step(args) -> dict[str, float]:
-  cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                    num_heads=args.heads, num_kv_heads=args.kv_heads,
-                    head_dim=args.hidden // args.heads, mlp_dim=args.mlp,
-                    max_position_embeddings=max(args.seq, 128), scan_unroll=args.scan_unroll,
-                    remat=args.remat)
+  cfg = workload.model_config(args, max_position_embeddings=max(args.seq, 128),
+                              remat=args.remat)
   mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
   opt = make_optimizer(OptimConfig(lr=1e-5, weight_decay=0.01), total_steps=1000)
   model, state, state_sh = create_state(cfg, opt, mesh, seed=0)
@@ -146,17 +131,13 @@ def jrlhf_step(args) -> dict[str, float]:
 def hf_step(args) -> dict[str, float] | None:
   try:
     import torch  # noqa: PLC0415 - optional
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+    import transformers  # noqa: F401, PLC0415
   except ImportError:
     return None
   torch.set_num_threads(args.torch_threads)
-  torch.manual_seed(0)
-  config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                       intermediate_size=args.mlp, num_hidden_layers=args.layers,
-                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                       max_position_embeddings=max(args.seq, 128), tie_word_embeddings=False,
-                       attn_implementation="sdpa")
-  model = LlamaForCausalLM(config).float().train()
+  model = workload.hf_llama(
+      workload.model_config(args, max_position_embeddings=max(args.seq, 128)),
+      attn_implementation="sdpa").train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
   host = batch(args)
   tokens = torch.from_numpy(host["tokens"]).long()

@@ -161,10 +161,30 @@ def _set_path(tree, path, value):
   tree[path[-1]] = value
 
 
-def load_params(directory: Path, model: Transformer) -> dict[str, Any]:
+class _StateDict:
+  """A name -> numpy array dict (e.g. a torch state_dict converted) as a checkpoint."""
+
+  def __init__(self, tensors: dict[str, np.ndarray]):
+    self.tensors, self.file_of = tensors, dict.fromkeys(tensors, "state_dict")
+
+  def get(self, name: str) -> np.ndarray:
+    return np.asarray(self.tensors[name])
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self.tensors[name].shape)
+
+
+def params_from_state_dict(tensors: dict[str, np.ndarray], model: Transformer) -> dict[str, Any]:
+  """Host param tree from HF tensor names -> arrays; the inverse of `hf_state_dict`."""
+  return load_params(_StateDict(tensors), model, "state_dict")
+
+
+def load_params(directory: Path | _StateDict, model: Transformer,
+                where: str | None = None) -> dict[str, Any]:
   """Host (numpy) param tree from a checkpoint, checked tensor by tensor against the model."""
   cfg = model.cfg
-  ckpt = _Checkpoint(directory)
+  ckpt = directory if isinstance(directory, _StateDict) else _Checkpoint(directory)
+  directory = where or directory
   prefix = None
   if cfg.is_gpt2 and "wte.weight" in ckpt.file_of:
     prefix = ""  # the original openai-community checkpoints have no "transformer." prefix

@@ -11,6 +11,8 @@ import pytest
 
 from jrlhf.models import ModelConfig, Transformer
 from jrlhf.models.generate import Sampler, SamplingConfig, filter_logits, generate
+from jrlhf.models.hf import params_from_state_dict
+from jrlhf.models.hf_config import config_to_hf
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=16, mlp_dim=128)
@@ -79,12 +81,8 @@ def test_logprobs_equal_a_forward_pass(model_params, cfg):
 def test_greedy_matches_hf_generate():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  hf_cfg = transformers.LlamaConfig(
-      vocab_size=CFG.vocab_size, hidden_size=CFG.hidden_size, intermediate_size=CFG.mlp_dim,
-      num_hidden_layers=CFG.num_layers, num_attention_heads=CFG.num_heads,
-      num_key_value_heads=CFG.num_kv_heads, head_dim=CFG.head_dim, rms_norm_eps=CFG.norm_eps,
-      rope_theta=CFG.rope_theta, initializer_range=0.2, tie_word_embeddings=False,
-      pad_token_id=0, bos_token_id=1, eos_token_id=None)
+  hf_cfg = transformers.LlamaConfig(**{
+      **config_to_hf(CFG), "initializer_range": 0.2, "pad_token_id": 0, "eos_token_id": None})
   torch.manual_seed(0)
   hf = transformers.LlamaForCausalLM(hf_cfg).float().eval()
   prompt_BxP, mask_BxP = left_padded()
@@ -102,24 +100,8 @@ def test_greedy_matches_hf_generate():
 
 
 def params_from_hf(hf_model) -> dict:
-  """Our param tree from a HF Llama: Linear weights are (out, in), our kernels (in, out)."""
-  sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
-
-  def stack(name, transpose=True):
-    w = [sd[f"model.layers.{i}.{name}.weight"] for i in range(CFG.num_layers)]
-    return jnp.asarray(np.stack([x.T if transpose else x for x in w]))
-
-  return {
-      "embed": jnp.asarray(sd["model.embed_tokens.weight"]),
-      "layers": {
-          "attn": {n: {"kernel": stack(f"self_attn.{n}_proj")} for n in "qkvo"},
-          "attn_norm": {"scale": stack("input_layernorm", False)},
-          "mlp": {n: {"kernel": stack(f"mlp.{n}_proj")} for n in ("gate", "up", "down")},
-          "mlp_norm": {"scale": stack("post_attention_layernorm", False)},
-      },
-      "final_norm": {"scale": jnp.asarray(sd["model.norm.weight"])},
-      "lm_head": {"kernel": jnp.asarray(sd["lm_head.weight"].T)},
-  }
+  tensors = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+  return jax.tree.map(jnp.asarray, params_from_state_dict(tensors, Transformer(CFG)))
 
 
 @pytest.mark.parametrize("free_cfg", [GREEDY, SAMPLE], ids=["greedy", "sample"])
