@@ -106,8 +106,14 @@ def _resolve(path_or_hub_id: str | os.PathLike) -> Path:
                             "*.safetensors inside)")
   import huggingface_hub  # noqa: PLC0415
 
-  return Path(huggingface_hub.snapshot_download(
-      str(path_or_hub_id), allow_patterns=["config.json", "*.safetensors", INDEX_FILE]))
+  try:
+    return Path(huggingface_hub.snapshot_download(
+        str(path_or_hub_id), allow_patterns=["config.json", "*.safetensors", INDEX_FILE]))
+  except Exception as e:  # offline, unknown repo, gated model, network: one actionable message
+    raise FileNotFoundError(
+        f"{path_or_hub_id!r} is not a local directory and could not be fetched from the hub "
+        f"({type(e).__name__}: {str(e).splitlines()[0]}). Pass a checkpoint directory, or check "
+        "the hub id, your network and HF_TOKEN for gated models.") from e
 
 
 class _Checkpoint:

@@ -158,3 +158,9 @@ def test_refuses_pickle_checkpoints(tmp_path):
   (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
   with pytest.raises(FileNotFoundError, match="reads only safetensors"):
     from_pretrained(tmp_path)
+
+
+def test_unreachable_hub_id_says_what_to_do(monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(FileNotFoundError, match="not a local directory and could not be fetched"):
+    from_pretrained("no-such-org/no-such-model")
