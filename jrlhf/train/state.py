@@ -27,7 +27,7 @@ Array = jax.Array
 
 # Fields of ModelConfig that describe how to run a model rather than what it is; with
 # `init_from` they come from the run's config, everything else from the checkpoint.
-RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_unroll")
+RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_unroll", "attention_chunk")
 
 
 @flax.struct.dataclass
