@@ -45,9 +45,14 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     dtype, param_dtype = dtype_of(self.cfg.dtype), dtype_of(self.cfg.param_dtype)
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-        (x.shape[-1], self.features), param_dtype)
+    # A PEFT leaf (LoRA, 4-bit, ...) is a pytree whose first leaf need not have the kernel's
+    # shape, which `self.param` would reject; read it as stored and let `matmul` dispatch on it.
+    kernel = (self.get_variable("params", "kernel")
+              if self.has_variable("params", "kernel") else None)
+    if type(kernel) not in KERNEL_HANDLERS:
+      kernel = self.param(
+          "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+          (x.shape[-1], self.features), param_dtype)
     y = matmul(x, kernel, dtype)
     if self.use_bias:
       bias = self.param(
