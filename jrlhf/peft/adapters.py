@@ -84,6 +84,8 @@ class AdapterWeight:
   up_bias: Array  # (..., out)
   scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
   activation: str = dataclasses.field(default="relu", metadata=dict(static=True))
+  # Read by `trainable_mask` and by lora.split_trainable: the base and its bias copy are frozen.
+  trainable_fields = ("down", "down_bias", "up", "up_bias")
 
 
 @jax.tree_util.register_dataclass
@@ -95,6 +97,7 @@ class Ia3Weight:
   base_bias: Array  # (..., out) frozen copy of the projection's bias, used with on="out"
   scale_vector: Array  # (..., in) or (..., out)
   on: str = dataclasses.field(default="out", metadata=dict(static=True))
+  trainable_fields = ("scale_vector",)
 
 
 def adapter_matmul(x_BxLxI: Array, w: AdapterWeight, dtype) -> Array:
@@ -117,10 +120,6 @@ def ia3_matmul(x_BxLxI: Array, w: Ia3Weight, dtype) -> Array:
 layers.KERNEL_HANDLERS[AdapterWeight] = adapter_matmul
 layers.KERNEL_HANDLERS[Ia3Weight] = ia3_matmul
 
-TRAINABLE_FIELDS = {
-    AdapterWeight: ("down", "down_bias", "up", "up_bias"),
-    Ia3Weight: ("scale_vector",),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,15 +267,22 @@ def merge_ia3(params: dict) -> dict:
 
 def trainable_mask(params: dict) -> Any:
   """Same structure as `params` with True on adapter/IA3 arrays and False elsewhere (the base,
-  its frozen bias copy, every other param), for `optax.masked` or a trainable/frozen split."""
+  its frozen bias copy, every other param), for `optax.masked`. A wrapper around a wrapper
+  (IA3 over a Houlsby adapter) trains both."""
 
   def mask(leaf):
     if not _is_wrapper(leaf):
       return jax.tree.map(lambda _: False, leaf)
-    fields = {f.name: getattr(leaf, f.name) for f in dataclasses.fields(leaf)
-              if not f.metadata.get("static")}
-    flags = {name: jax.tree.map(lambda _, n=name: n in TRAINABLE_FIELDS[type(leaf)], value)
-             for name, value in fields.items()}
+    flags = {}
+    for f in dataclasses.fields(leaf):
+      value = getattr(leaf, f.name)
+      if f.metadata.get("static"):
+        continue
+      if _is_wrapper(value):
+        flags[f.name] = mask(value)
+      else:
+        train = f.name in type(leaf).trainable_fields
+        flags[f.name] = jax.tree.map(lambda _, t=train: t, value)
     return dataclasses.replace(leaf, **flags)
 
   return jax.tree.map(mask, params, is_leaf=_is_wrapper)

@@ -100,7 +100,8 @@ def test_targets_and_shapes():
   w = p["mlp"]["down"]["kernel"]
   assert w.down.shape == (2, 32, 8) and w.activation == "gelu" and w.scale == 2.0
   i = adapters.add_ia3(params)["layers"]
-  assert i["attn"]["k"]["kernel"].on == "out" and i["attn"]["k"]["kernel"].scale_vector.shape == (2, 16)
+  k = i["attn"]["k"]["kernel"]
+  assert k.on == "out" and k.scale_vector.shape == (2, 16)
   assert i["mlp"]["down"]["kernel"].on == "in"
   assert i["mlp"]["down"]["kernel"].scale_vector.shape == (2, 48)
   assert not isinstance(i["attn"]["q"]["kernel"], adapters.Ia3Weight)
@@ -193,6 +194,9 @@ def test_composed_wrappers_stacked_equals_unstacked():
   wrapped = perturb(adapters.add_ia3(wrapped))
   down = wrapped["layers"]["mlp"]["down"]["kernel"]
   assert isinstance(down, adapters.Ia3Weight) and isinstance(down.base, adapters.AdapterWeight)
+  mask = adapters.trainable_mask(wrapped)["layers"]["mlp"]["down"]["kernel"]
+  assert mask.scale_vector and mask.base.up and mask.base.down
+  assert not (mask.base.base or mask.base.base_bias or mask.base_bias)
   stacked = apply(wrapped, tokens())
   assert np.abs(np.asarray(stacked - apply(params, tokens()))).max() > 1e-2
   unstacked_model = Transformer(GPT2, unstacked=True)
