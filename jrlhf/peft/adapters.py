@@ -6,6 +6,7 @@ Each method replaces a `kernel` leaf of the param tree with a leaf type whose ha
   params = add_adapters(params, jax.random.key(0), "houlsby")  # after attn/o and mlp/down
   params = add_ia3(params)                                     # scales on k, v and down's input
   mask = trainable_mask(params)                                # True on adapter arrays only
+  params_sh = shardings_like(params, plain_params_sh)          # adapters follow their kernel
 
 Serial adapter on a projection y = x W (+ b):  y + s * (f((y + b) D + d) U + u),  with
 D: (out, R), U: (R, out), R = out // reduction_factor, U and u zero so training starts at the
@@ -33,6 +34,8 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jrlhf.models import layers
 
@@ -286,3 +289,41 @@ def trainable_mask(params: dict) -> Any:
     return dataclasses.replace(leaf, **flags)
 
   return jax.tree.map(mask, params, is_leaf=_is_wrapper)
+
+
+def shardings_like(params: dict, base_sh: Any) -> Any:
+  """Shardings for a wrapped tree from those of the tree before wrapping (plain, or e.g. from
+  quant.shardings_like): `base` keeps its own; the adapter arrays take the kernel's leading
+  (layer) axes and its output axis (its input axis for IA3 "in"), the bottleneck R replicated.
+  A dim the mesh axes do not divide is replicated instead."""
+
+  def kernel_spec(sh) -> tuple:
+    first = sh if isinstance(sh, NamedSharding) else jax.tree.leaves(sh)[0]
+    return first.mesh, tuple(first.spec)
+
+  def like(leaf, sh):
+    if not _is_wrapper(leaf):
+      return sh
+    base_tree = like(leaf.base, sh) if _is_wrapper(leaf.base) else sh
+    mesh, spec = kernel_spec(sh)
+    ndim = len(_kernel_shape(leaf.base))
+    spec = spec + (None,) * (ndim - len(spec))
+    lead, in_ax, out_ax = spec[:-2], spec[-2], spec[-1]
+
+    def fit(a, axes):
+      size = lambda ax: 1 if ax is None else int(np.prod(  # noqa: E731
+          [mesh.shape[n] for n in ((ax,) if isinstance(ax, str) else ax)]))
+      return NamedSharding(mesh, PartitionSpec(
+          *[ax if d % size(ax) == 0 else None for ax, d in zip(axes, a.shape)]))
+
+    if isinstance(leaf, Ia3Weight):
+      vec_ax = in_ax if leaf.on == "in" else out_ax
+      return dataclasses.replace(leaf, base=base_tree,
+                                 base_bias=fit(leaf.base_bias, (*lead, out_ax)),
+                                 scale_vector=fit(leaf.scale_vector, (*lead, vec_ax)))
+    return dataclasses.replace(
+        leaf, base=base_tree, base_bias=fit(leaf.base_bias, (*lead, out_ax)),
+        down=fit(leaf.down, (*lead, out_ax, None)), down_bias=fit(leaf.down_bias, (*lead, None)),
+        up=fit(leaf.up, (*lead, None, out_ax)), up_bias=fit(leaf.up_bias, (*lead, out_ax)))
+
+  return jax.tree.map(like, params, base_sh, is_leaf=_is_wrapper)

@@ -212,3 +212,22 @@ def test_merge_ia3_is_exact():
   merged = adapters.merge_ia3(wrapped)
   assert jax.tree.structure(merged) == jax.tree.structure(params)
   np.testing.assert_allclose(apply(merged, tokens()), apply(wrapped, tokens()), atol=1e-5)
+
+
+def test_sharded_2x4_forward_equals_unsharded():
+  from jrlhf.sharding import MeshConfig, make_mesh, param_shardings, sharding_context
+  model, params, apply = init(LLAMA)
+  wrapped = perturb(adapters.add_ia3(adapters.add_adapters(params, jax.random.key(1), "houlsby",
+                                                           reduction_factor=4)))
+  mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))
+  sh = adapters.shardings_like(wrapped, param_shardings(model, tokens(), mesh=mesh))
+  down = sh["layers"]["mlp"]["down"]["kernel"]
+  o = sh["layers"]["attn"]["o"]["kernel"]
+  # attn/o is (layers, heads, embed): its adapter follows the kernel's output (embed) axis.
+  assert o.down.spec[1] == o.base.spec[2] and o.up.spec[2] == o.base.spec[2]
+  # IA3 "in" on mlp/down follows the `mlp` axis, which the 2x4 mesh splits over `tensor`.
+  assert down.scale_vector.spec[1] == down.base.base.spec[1] == "tensor"
+  sharded = jax.device_put(wrapped, sh)
+  with sharding_context(mesh):
+    got = jax.jit(lambda p, t: model.apply({"params": p}, t))(sharded, tokens())
+  np.testing.assert_allclose(got, apply(wrapped, tokens()), atol=1e-5)
