@@ -143,6 +143,7 @@ def _double_quantize(absmax: Array) -> DoubleQuant:
   return DoubleQuant(_nearest(normed, DYNAMIC), scale, offset)
 
 
+@functools.partial(jax.jit, static_argnames=("kind", "double_quant"))
 def quantize_array(w: Array, kind: str = "nf4", double_quant: bool = True) -> QuantizedWeight:
   """One kernel (..., I, O) -> QuantizedWeight (I zero-padded to a multiple of 64, e.g. an MLP
   width of 172: zero is a code value of both codebooks, so the padding dequantizes exactly)."""
@@ -180,16 +181,11 @@ def quantize(params: Any, targets: str | tuple[str, ...] | Callable[[str], bool]
       raise ValueError(f"{path} is already a {type(leaf).__name__}, not a plain kernel; "
                        f"quantize the plain params first, then wrap them (QLoRA = LoRA on the "
                        f"quantized base)")
-  where = [i for i, path in enumerate(paths) if path in chosen]
-  for i, q in zip(where, _quantize_all([leaves[i] for i in where], kind, double_quant)):
-    leaves[i] = q
+  # One kernel at a time: a model has a handful of kernel shapes, so this compiles a few small
+  # programs (cached across calls) and holds one kernel's float32 temporaries at a time.
+  leaves = [quantize_array(leaf, kind, double_quant) if path in chosen else leaf
+            for path, leaf in zip(paths, leaves)]
   return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _quantize_all(kernels: list[Array], kind: str, double_quant: bool) -> list[QuantizedWeight]:
-  # One program for the whole tree: one compile, not one per kernel shape.
-  return [quantize_array(w, kind, double_quant) for w in kernels]
 
 
 def _is_handled(x) -> bool:
@@ -198,8 +194,11 @@ def _is_handled(x) -> bool:
 
 def dequantize(params: Any, dtype=None) -> Any:
   """Every QuantizedWeight back to a plain array (its original dtype unless `dtype`)."""
-  return jax.tree.map(lambda x: x.dequantize(dtype) if isinstance(x, QuantizedWeight) else x,
+  return jax.tree.map(lambda x: _dequantize(x, dtype) if isinstance(x, QuantizedWeight) else x,
                       params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+
+
+_dequantize = jax.jit(QuantizedWeight.dequantize, static_argnums=1)
 
 
 def shardings_like(qparams: Any, params_sh: Any) -> Any:

@@ -188,3 +188,38 @@ def test_sharded_2x4_forward_equals_unsharded(model_params, quantized):
   with sharding_context(mesh):
     logits_BxLxV = jax.jit(lambda p, t: model.apply({"params": p}, t))(q_sharded, TOKENS_BxL)
   np.testing.assert_allclose(logits_BxLxV, expected_BxLxV, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_is_lora_on_the_quantized_base(model_params, quantized):
+  from jrlhf.peft import LoraSpec, combine, lora, merge, split_trainable
+  q, q_logits_BxLxV = quantized
+  qlora = lora.wrap(q, LoraSpec(rank=4, alpha=8.0), jax.random.key(1))
+  down = qlora["layers"]["mlp"]["down"]["kernel"]
+  assert isinstance(down, lora.LoraWeight) and isinstance(down.base, quant.QuantizedWeight)
+  np.testing.assert_allclose(forward(qlora, TOKENS_BxL), q_logits_BxLxV, rtol=1e-6, atol=1e-6)
+
+  # Only the LoRA factors train; the 4-bit codes and scales stay in the frozen half.
+  trainable, frozen = split_trainable(qlora)
+  assert all(jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(trainable))
+  assert any(x.dtype == jnp.uint8 for x in jax.tree.leaves(frozen))
+  assert all(4 in x.shape[-2:] for x in jax.tree.leaves(trainable))  # a (I, R) or b (R, O)
+
+  def loss(t):
+    logits_BxLxV = Transformer(CFG).apply({"params": combine(t, frozen)}, TOKENS_BxL[:, :-1])
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
+    return -jnp.take_along_axis(logp_BxLxV, TOKENS_BxL[:, 1:, None], -1).mean()
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss))
+  losses = []
+  for _ in range(4):
+    value, grads = value_and_grad(trainable)
+    trainable = jax.tree.map(lambda p, g: p - 1.0 * g, trainable, grads)
+    losses.append(float(value))
+  assert losses[-1] < losses[0] - 1e-3
+
+  # Merging gives plain kernels: the dequantized base plus the scaled LoRA product.
+  down = combine(trainable, frozen)["layers"]["mlp"]["down"]["kernel"]
+  merged = merge({"k": down})["k"]
+  assert isinstance(merged, jax.Array) and merged.shape == (2, 192, 64)
+  np.testing.assert_allclose(merged, quant.dequantize(down.base) + down.scale * down.a @ down.b,
+                             rtol=1e-5, atol=1e-6)
