@@ -8,10 +8,10 @@ Importing this package registers every PEFT leaf type with `jrlhf.models.layers.
     peft.save_peft_adapter("out/adapter", model, params, "meta-llama/Llama-3.2-1B")
 """
 
-from jrlhf.peft import lora, peft_format, spec
+from jrlhf.peft import adapters, lora, peft_format, quant, spec
 from jrlhf.peft.lora import LoraWeight, combine, merge, split_trainable
 from jrlhf.peft.peft_format import load_peft_adapter, save_peft_adapter
 from jrlhf.peft.spec import ALL_LINEAR, LoraSpec
 
-__all__ = ["ALL_LINEAR", "LoraSpec", "LoraWeight", "combine", "load_peft_adapter", "lora", "merge",
-           "peft_format", "save_peft_adapter", "spec", "split_trainable"]
+__all__ = ["ALL_LINEAR", "LoraSpec", "LoraWeight", "adapters", "combine", "load_peft_adapter",
+           "lora", "merge", "peft_format", "quant", "save_peft_adapter", "spec", "split_trainable"]

@@ -120,7 +120,7 @@ def merge(params: Any) -> Any:
 # Trainable / frozen split (DESIGN decision 3). Both halves keep the full tree structure with
 # None where the other half holds the value, so `combine` is exact and optax sees only the
 # trainable arrays (None is an empty pytree). Inside a PEFT leaf (any dataclass registered in
-# KERNEL_HANDLERS), the field `base` is frozen and every other data field is trainable, unless
+# KERNEL_HANDLERS), `base` and `base_*` fields are frozen, every other data field trainable, unless
 # the class names its own `trainable_fields`; a leaf without `base` (e.g. a 4-bit weight) is
 # frozen whole. Plain arrays are frozen unless their path matches `train_regex`.
 
@@ -138,7 +138,8 @@ def _trainable_fields(leaf) -> tuple[str, ...]:
   if names is not None:
     return tuple(names)
   fields = _data_fields(leaf)
-  return tuple(n for n in fields if n != "base") if "base" in fields else ()
+  frozen = lambda n: n == "base" or n.startswith("base_")  # noqa: E731 - e.g. a bias copy
+  return tuple(n for n in fields if not frozen(n)) if "base" in fields else ()
 
 
 def _split_leaf(path: str, leaf, train_regex):

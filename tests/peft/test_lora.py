@@ -135,3 +135,21 @@ def test_split_combine_and_training_moves_only_adapters(params):
   assert losses[-1] < losses[0] - 0.05, losses
   b = trainable["layers"]["attn"]["q"]["kernel"].b
   assert np.abs(b).max() > 0  # B left zero would mean no gradient reached the adapter
+
+
+def test_split_covers_adapters_and_qlora(params):
+  from jrlhf.peft import adapters, quant  # noqa: PLC0415
+
+  for tree in (adapters.add_adapters(params, jax.random.key(0), "houlsby"),
+               adapters.add_ia3(params)):
+    trainable, _ = split_trainable(tree)
+    flags = jax.tree.leaves(adapters.trainable_mask(tree))
+    assert len(jax.tree.leaves(trainable)) == sum(flags) > 0
+  # QLoRA: the base is 4-bit and frozen; only A and B train; merge dequantizes.
+  qlora = randomize_b(lora.wrap(quant.quantize(params), LoraSpec(rank=4), jax.random.key(0)))
+  trainable, frozen = split_trainable(qlora)
+  assert len(jax.tree.leaves(trainable)) == 2 * 7  # A and B of the 7 projections
+  assert any(isinstance(x, quant.QuantizedWeight) for x in jax.tree.leaves(
+      frozen, is_leaf=lambda x: isinstance(x, quant.QuantizedWeight)))
+  np.testing.assert_allclose(logits(combine(trainable, frozen)), logits(merge(qlora)),
+                             atol=1e-4, rtol=1e-4)
