@@ -116,6 +116,26 @@ def merge(params: Any) -> Any:
   return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, LoraWeight))
 
 
+def shardings_like(lparams: Any, params_sh: Any) -> Any:
+  """Shardings for a LoRA tree from the plain tree's: `a` splits its input dim like the kernel
+  does and `b` its output dim; the rank dim is small and stays replicated. A 4-bit base takes
+  `quant.shardings_like`'s."""
+  from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+
+  from jrlhf.peft import quant  # noqa: PLC0415 - only trees with a 4-bit base need it
+
+  def like(w, sh):
+    if not isinstance(w, LoraWeight):
+      return sh
+    *lead, in_axis, out_axis = tuple(sh.spec) + (None,) * (w.a.ndim - len(sh.spec))
+    spec = lambda *axes: NamedSharding(sh.mesh, PartitionSpec(*lead, *axes))  # noqa: E731
+    base = sh if isinstance(w.base, jax.Array) or hasattr(w.base, "__array__") else (
+        quant.shardings_like(w.base, sh))
+    return LoraWeight(base, spec(in_axis, None), spec(None, out_axis), w.scale)
+
+  return jax.tree.map(like, lparams, params_sh, is_leaf=lambda x: isinstance(x, LoraWeight))
+
+
 # ---------------------------------------------------------------------------------------------
 # Trainable / frozen split (DESIGN decision 3). Both halves keep the full tree structure with
 # None where the other half holds the value, so `combine` is exact and optax sees only the

@@ -153,3 +153,22 @@ def test_split_covers_adapters_and_qlora(params):
       frozen, is_leaf=lambda x: isinstance(x, quant.QuantizedWeight)))
   np.testing.assert_allclose(logits(combine(trainable, frozen)), logits(merge(qlora)),
                              atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_2x4_forward_equals_unsharded(params):
+  from jrlhf.peft import quant  # noqa: PLC0415
+  from jrlhf.sharding import MeshConfig, make_mesh, param_shardings, sharding_context  # noqa
+
+  mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))
+  params_sh = param_shardings(MODEL, jnp.zeros((1, 4), jnp.int32), mesh=mesh)
+  spec_ = LoraSpec(rank=4, alpha=8)
+  for tree in (params, quant.quantize(params)):
+    wrapped = randomize_b(lora.wrap(tree, spec_, jax.random.key(0)))
+    shardings = lora.shardings_like(wrapped, params_sh)
+    sharded = jax.device_put(wrapped, shardings)
+    up, up_sh = sharded["layers"]["mlp"]["up"]["kernel"], params_sh["layers"]["mlp"]["up"]["kernel"]
+    assert up.b.sharding.spec[-1] == up_sh.spec[-1] == "tensor"
+    assert up.a.sharding.spec[-1] is None
+    with sharding_context(mesh):
+      got = jax.jit(MODEL.apply)({"params": sharded}, tokens())
+    np.testing.assert_allclose(got, logits(wrapped), atol=1e-4, rtol=1e-4)
