@@ -6,9 +6,9 @@ double-quantized; dequantized inside the matmul (`layers.KERNEL_HANDLERS`).
   params = dequantize(qparams)                            # plain arrays again (rounded)
 
 Layout of a kernel (..., I, O) (leading dims = the scanned `layers` axis, if any):
-- Blocks of 64 run along I, the input axis (zero-padded to a multiple of 64). HF stores the same weight as (O, I) and bitsandbytes
-  blocks its row-major flattening, so these are bitsandbytes' blocks and its codes; and no block
-  straddles a shard of the output axis.
+- Blocks of 64 run along I, the input axis (zero-padded to a multiple of 64). HF stores the
+  same weight as (O, I) and bitsandbytes blocks its row-major flattening, so these are
+  bitsandbytes' blocks and its codes; and no block straddles a shard of the output axis.
 - `codes` uint8 (..., I/2, O): rows 2k and 2k+1 share a byte, row 2k in the high nibble (as
   bitsandbytes packs consecutive elements).
 - `absmax` float32 (..., I/64, O) or, double-quantized, a `DoubleQuant`: `absmax - mean` in
@@ -122,9 +122,11 @@ jax.tree_util.register_dataclass(DoubleQuant)
 jax.tree_util.register_dataclass(QuantizedWeight)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(2,))
 def _matmul(x_BxLxI: Array, kernel: QuantizedWeight, dtype) -> Array:
-  # The dequantized weight exists only inside this op (XLA fuses unpack, lookup and scale into
-  # the operand of the dot), so the stored weight stays 4 bits between steps.
+  # Rematerialised: without it autodiff keeps each layer's dequantized weight as a residual for
+  # the input gradient (a full 16-bit copy of the model by the end of the forward pass); with it
+  # the backward pass dequantizes again from the 4-bit codes.
   return jnp.einsum("...i,io->...o", x_BxLxI.astype(dtype), kernel.dequantize(dtype))
 
 
