@@ -125,7 +125,8 @@ def loss_fn(model, params, tokens_BxL):
 
 # Every method on Llama; GPT-2 (biases everywhere, GELU MLP) and Qwen2 (q/k/v bias) where a
 # bias meets the wrapper.
-COMBOS = [(LLAMA, "houlsby"), (LLAMA, "pfeiffer"), (LLAMA, "ia3"), (GPT2, "houlsby"),
+# (Pfeiffer is Houlsby's handler on a subset of its targets: see test_targets_and_shapes.)
+COMBOS = [(LLAMA, "houlsby"), (LLAMA, "ia3"), (GPT2, "houlsby"),
           (GPT2, "ia3"), (QWEN, "ia3")]
 
 
@@ -145,7 +146,7 @@ def test_identity_at_init_and_gradients_reach_every_adapter(cfg, method):
   np.testing.assert_allclose(logits, apply(params, batch), atol=1e-6)
   wrappers = [w for w in jax.tree.leaves(grads, is_leaf=adapters._is_wrapper)
               if adapters._is_wrapper(w)]
-  assert len(wrappers) == {"houlsby": 2, "pfeiffer": 1, "ia3": 3}[method]
+  assert len(wrappers) == {"houlsby": 2, "ia3": 3}[method]
   for leaf in wrappers:
     # Nonzero in every layer of the stack (which also shows the forward goes through the
     # wrapper). At init U = 0, so the gradient reaches U and u; D and d follow after a step.
@@ -236,9 +237,7 @@ def test_sharded_2x4_forward_equals_unsharded():
 def test_adapters_on_a_4bit_base_and_split_trainable():
   # A wrapper's base may be any kernel leaf: Houlsby/IA3 over NF4 weights (QLoRA-style).
   from jrlhf.peft import lora, quant
-  cfg = ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                    head_dim=16, mlp_dim=128)
-  model, params, apply = init(cfg)
+  model, params, apply = init(LLAMA)
   q = quant.quantize(params, (r"attn/(k|v|o)/kernel$", r"mlp/down/kernel$"))
   wrapped = adapters.add_ia3(adapters.add_adapters(q, jax.random.key(1), "houlsby"))
   assert isinstance(wrapped["layers"]["attn"]["o"]["kernel"].base, quant.QuantizedWeight)
