@@ -221,7 +221,9 @@ def shardings_like(qparams: Any, params_sh: Any) -> Any:
 
     return jax.tree.map(fit, q)
 
-  return jax.tree.map(like, qparams, params_sh, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+  # Other kernel leaves (LoRA, adapters) keep the kernel's sharding for their own
+  # `shardings_like`; a QLoRA tree is `lora.shardings_like(t, quant.shardings_like(t, sh))`.
+  return jax.tree.map(like, qparams, params_sh, is_leaf=_is_handled)
 
 
 def bytes_per_weight(q: QuantizedWeight) -> float:

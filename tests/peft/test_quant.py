@@ -1,6 +1,8 @@
 """4-bit weights: bitsandbytes' codebooks and rounding, stated error bounds, 4-bit storage,
 dequantize-in-the-matmul under jit, a quantized Transformer, and a 2x4-sharded forward."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -241,3 +243,25 @@ def test_qlora_is_lora_on_the_quantized_base(model_params, quantized):
   assert isinstance(merged, jax.Array) and merged.shape == (2, 192, 64)
   np.testing.assert_allclose(merged, quant.dequantize(down.base) + down.scale * down.a @ down.b,
                              rtol=1e-5, atol=1e-6)
+
+
+def test_qlora_sharded_2x4_forward_equals_unsharded(model_params, quantized):
+  from jrlhf.peft import LoraSpec, lora
+  model, _ = model_params
+  q, _ = quantized
+  qlora = lora.wrap(q, LoraSpec(rank=4, targets=r"mlp/"), jax.random.key(1))
+  # A trained-looking b, so the LoRA path contributes to the logits.
+  qlora = jax.tree.map(
+      lambda w: dataclasses.replace(w, b=jnp.full_like(w.b, 0.05)) if isinstance(
+          w, lora.LoraWeight) else w, qlora, is_leaf=lambda w: isinstance(w, lora.LoraWeight))
+  mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))
+  plain_sh = param_shardings(model, TOKENS_BxL, mesh=mesh)
+  sh = lora.shardings_like(qlora, quant.shardings_like(qlora, plain_sh))
+  assert sh["layers"]["attn"]["k"]["kernel"].codes.spec[2] == "tensor"  # 4-bit, no LoRA
+  assert sh["layers"]["mlp"]["up"]["kernel"].base.codes.spec[2] == "tensor"
+  with sharding_context(mesh):
+    logits_BxLxV = jax.jit(lambda p, t: model.apply({"params": p}, t))(
+        jax.device_put(qlora, sh), TOKENS_BxL)
+  expected_BxLxV = forward(qlora, TOKENS_BxL)
+  assert float(jnp.abs(expected_BxLxV - forward(q, TOKENS_BxL)).max()) > 1e-3
+  np.testing.assert_allclose(logits_BxLxV, expected_BxLxV, rtol=1e-5, atol=1e-5)
