@@ -265,3 +265,12 @@ def test_qlora_sharded_2x4_forward_equals_unsharded(model_params, quantized):
   expected_BxLxV = forward(qlora, TOKENS_BxL)
   assert float(jnp.abs(expected_BxLxV - forward(q, TOKENS_BxL)).max()) > 1e-3
   np.testing.assert_allclose(logits_BxLxV, expected_BxLxV, rtol=1e-5, atol=1e-5)
+
+
+def test_unstacked_layers_for_the_sampler(quantized):
+  from jrlhf.models.transformer import unstack_layers
+  q, logits_BxLxV = quantized
+  per_layer = unstack_layers(q, CFG.num_layers)
+  assert per_layer["layers_1"]["mlp"]["down"]["kernel"].codes.shape == (96, 64)
+  unstacked = Transformer(CFG, unstacked=True).apply({"params": per_layer}, TOKENS_BxL)
+  np.testing.assert_allclose(unstacked, logits_BxLxV, rtol=1e-5, atol=1e-5)
