@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jrlhf.models import layers
+from jrlhf.peft import spec as spec_lib
 
 Array = jax.Array
 
@@ -140,20 +141,8 @@ def _kernel_dtype(kernel: Any):
   return kernel.dtype if hasattr(kernel, "dtype") else _kernel_dtype(kernel.base)
 
 
-def kernel_paths(params: dict, prefix: str = "") -> list[str]:
-  """Every '/'-joined path ending in `kernel`, in tree order."""
-  out = []
-  for key, value in params.items():
-    path = f"{prefix}{key}"
-    if key == "kernel":
-      out.append(path)
-    elif isinstance(value, dict):
-      out.extend(kernel_paths(value, path + "/"))
-  return out
-
-
 def _check_patterns(params: dict, patterns) -> None:
-  paths = kernel_paths(params)
+  paths = spec_lib.kernel_paths(params)
   for pattern in patterns:
     if not any(re.search(pattern, p) for p in paths):
       raise ValueError(f"target {pattern!r} matches no kernel; kernels are: {', '.join(paths)}")
