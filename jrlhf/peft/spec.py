@@ -61,7 +61,9 @@ def _is_kernel_leaf(x) -> bool:
 
 
 def path_str(key_path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+  """'layers/attn/q/kernel' from a jax key path (dict keys, attribute names, sequence indices)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in key_path)
 
 
 def kernel_paths(params: Any) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
+from jrlhf.peft.spec import path_str
 from jrlhf.train.config import OptimConfig
 
 # Params that HF Trainer / TRL exclude from weight decay: biases and norm scales (LayerNorm and
@@ -56,18 +57,10 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
 
 
-def _path_str(path) -> str:
-  parts = []
-  for key in path:
-    name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-    parts.append(str(name))
-  return "/".join(parts)
-
-
 def decay_mask(params: Any) -> Any:
   """True for leaves that get weight decay: everything except biases and norm scales."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: NO_DECAY.search(_path_str(path)) is None, params)
+      lambda path, _: NO_DECAY.search(path_str(path)) is None, params)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> Optimizer:
