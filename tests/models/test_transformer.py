@@ -1,6 +1,7 @@
 """Invariants of the decoder itself: causality, masks, packing, heads, remat, dtypes, cache."""
 
 import chex
+import chz
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -49,16 +50,12 @@ def apply_from_embeddings(model, params, emb_BxLxD):
   Every (row, position) gets a token id of its own in a vocabulary made of the embeddings.
   """
   b, length, d = emb_BxLxD.shape
-  cfg = ModelConfig(**{**_fields(model.cfg), "vocab_size": b * length})
+  cfg = chz.replace(model.cfg, vocab_size=b * length)
   readout = jax.random.normal(jax.random.key(1), (d, 1))
   p = {k: v for k, v in params.items() if k != "lm_head"}
   p.update(embed=emb_BxLxD.reshape(b * length, d), score={"kernel": readout})
   ids = jnp.arange(b * length).reshape(b, length)
   return Transformer(cfg, head="scalar").apply({"params": p}, ids)
-
-
-def _fields(cfg):
-  return {k: getattr(cfg, k) for k in cfg.__chz_fields__}
 
 
 def test_padding_does_not_change_real_tokens():
@@ -105,7 +102,7 @@ def test_remat_and_unroll_change_nothing_numerically(remat):
   x = tokens()
   loss = lambda m: lambda p: m.apply({"params": p}, x).mean()  # noqa: E731
   ref_val, ref_grad = jax.jit(jax.value_and_grad(loss(model)))(params)
-  other = Transformer(ModelConfig(**{**_fields(CFG), "remat": remat, "scan_unroll": 2}))
+  other = Transformer(chz.replace(CFG, remat=remat, scan_unroll=2))
   val, grad = jax.jit(jax.value_and_grad(loss(other)))(params)
   np.testing.assert_allclose(val, ref_val, rtol=1e-6)
   chex.assert_trees_all_close(grad, ref_grad, atol=1e-6)
@@ -113,8 +110,8 @@ def test_remat_and_unroll_change_nothing_numerically(remat):
 
 @pytest.mark.parametrize("chunk,window", [(3, None), (4, None), (4, 3), (16, 5)])
 def test_chunked_attention_equals_unchunked(chunk, window):
-  base = ModelConfig(**{**_fields(CFG), "sliding_window": window, "attention_chunk": 0})
-  chunked = ModelConfig(**{**_fields(base), "attention_chunk": chunk})
+  base = chz.replace(CFG, sliding_window=window, attention_chunk=0)
+  chunked = chz.replace(base, attention_chunk=chunk)
   _, params = init(base)
   x = tokens()
   segments = jnp.array([[1] * 6 + [2] * 4, [1] * 10])
@@ -126,7 +123,7 @@ def test_chunked_attention_equals_unchunked(chunk, window):
 
 
 def test_param_and_compute_dtypes_are_separate():
-  cfg = ModelConfig(**{**_fields(CFG), "param_dtype": "float32", "dtype": "bfloat16"})
+  cfg = chz.replace(CFG, param_dtype="float32", dtype="bfloat16")
   model, params = init(cfg)
   assert params["layers"]["attn"]["q"]["kernel"].dtype == jnp.float32
   logits = model.apply({"params": params}, tokens())
