@@ -20,7 +20,7 @@ import numpy as np
 
 from jrlhf.models import ModelConfig, Transformer, from_pretrained, save_pretrained
 from jrlhf.models.generate import Sampler, SamplingConfig
-from jrlhf.sharding import MeshConfig, init_sharded, make_mesh, put_batch
+from jrlhf.sharding import MeshConfig, batch_ways, init_sharded, make_mesh, put_batch
 
 
 class ByteTokenizer:
@@ -86,8 +86,7 @@ def main(argv=None) -> None:
     model, params = from_pretrained(args.save, dtype=args.dtype, mesh=mesh)
     print(f"saved to {args.save} and reloaded from there")
 
-  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  tokens, mask = left_pad([tokenizer.encode(p) for p in prompts], pad_id, batch_ways)
+  tokens, mask = left_pad([tokenizer.encode(p) for p in prompts], pad_id, batch_ways(mesh))
   tokens, mask = put_batch((tokens, mask), mesh)
   sampler = Sampler(model, SamplingConfig(
       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -1,6 +1,6 @@
 """Device mesh, the logical-axis rules table, sharded param creation and batch placement."""
 
-from jrlhf.sharding.batch import batch_sharding, put_batch
+from jrlhf.sharding.batch import batch_sharding, batch_ways, put_batch
 from jrlhf.sharding.mesh import AXES, BATCH_AXES, MeshConfig, make_mesh
 from jrlhf.sharding.rules import (
     DEFAULT_RULES,
@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_RULES",
     "MeshConfig",
     "batch_sharding",
+    "batch_ways",
     "init_sharded",
     "logical_to_sharding",
     "make_mesh",

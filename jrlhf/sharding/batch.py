@@ -21,14 +21,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
-def _batch_ways(mesh: Mesh) -> int:
+def batch_ways(mesh: Mesh) -> int:
+  """How many ways the batch is split: the product of the mesh's batch axes."""
   return int(np.prod([mesh.shape[name] for name in BATCH_AXES]))
 
 
 def put_batch(batch_tree: Any, mesh: Mesh) -> Any:
   """Places a pytree of host (numpy) arrays, this process's rows, on `mesh` as global arrays."""
   sharding = batch_sharding(mesh)
-  ways = _batch_ways(mesh)
+  ways = batch_ways(mesh)
   processes = jax.process_count()
   mesh_desc = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
 

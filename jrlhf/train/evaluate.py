@@ -16,12 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jrlhf.models.generate import Sampler, SamplingConfig
-from jrlhf.sharding import put_batch
-from jrlhf.sharding.mesh import BATCH_AXES
-
-
-def batch_ways(mesh) -> int:
-  return int(np.prod([mesh.shape[name] for name in BATCH_AXES]))
+from jrlhf.sharding import batch_ways, put_batch
 
 
 def pad_rows(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
