@@ -115,7 +115,13 @@ class MLP(nn.Module):
     else:
       gate_BxLxF = dense(cfg.mlp_dim, ("embed", "mlp"), "gate")(x_BxLxD)
       h_BxLxF = jax.nn.silu(gate_BxLxF) * dense(cfg.mlp_dim, ("embed", "mlp"), "up")(x_BxLxD)
-    return dense(cfg.hidden_size, ("mlp", "embed"), "down")(h_BxLxF)
+    out_BxLxD = dense(cfg.hidden_size, ("mlp", "embed"), "down")(h_BxLxF)
+    if self.has_variable("params", "parallel"):
+      # A parallel adapter (jrlhf.peft.adapters) beside the MLP: a D -> D "kernel" leaf whose
+      # handler computes s * f(x W_down) W_up from the MLP's input; absent in a plain tree.
+      out_BxLxD += layers.matmul(x_BxLxD, self.get_variable("params", "parallel"),
+                                 jnp.dtype(cfg.dtype))
+    return out_BxLxD
 
 
 class Block(nn.Module):
