@@ -27,6 +27,7 @@ from chz.tiepin import CastError, is_subtype_instance, type_repr
 
 from jrlhf.algorithms.sft import SFTConfig
 from jrlhf.data.config import DataConfig
+from jrlhf.distributed import DistConfig, storage_path
 from jrlhf.models.config import ModelConfig
 from jrlhf.sharding.mesh import MeshConfig
 from jrlhf.train.config import OptimConfig, TrainConfig
@@ -38,7 +39,8 @@ AlgorithmConfig = SFTConfig
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 RUNS_DIR = "runs"
 # Keys that say where or how to run, not what to train: they never enter a run's name.
-NOT_IN_NAME = ("experiment", "run_dir", "print_config")
+NOT_IN_NAME = ("experiment", "run_dir", "print_config", "dist.enable", "dist.coordinator",
+               "dist.num_processes", "dist.process_id")
 # Keys an experiment file may not set: they are about the invocation, not the experiment.
 NOT_IN_EXPERIMENT = ("experiment", "print_config")
 MAX_NAME = 100
@@ -94,6 +96,7 @@ class Config:
   algorithm: AlgorithmConfig = _group(
       "algorithm", SFTConfig, ALGORITHMS, doc=f"one of: {', '.join(ALGORITHMS)}")
   mesh: MeshConfig = _group("mesh", MeshConfig)
+  dist: DistConfig = _group("dist", DistConfig)
   steps: int = chz.field(default=1000, doc="optimizer steps")
   seed: int = chz.field(default=0, doc="seeds init, data order and sampling")
   run_dir: str | None = chz.field(
@@ -381,4 +384,7 @@ def run_name(experiment: str, overrides: Mapping[str, str]) -> str:
 
 
 def run_dir(cfg: Any, overrides: Mapping[str, str]) -> Path:
-  return Path(cfg.run_dir) if cfg.run_dir else Path(RUNS_DIR) / run_name(cfg.experiment, overrides)
+  """`Path`, or an `etils.epath.Path` when `cfg.run_dir` is a bucket URL (`gs://...`)."""
+  if cfg.run_dir:
+    return storage_path(cfg.run_dir)
+  return Path(RUNS_DIR) / run_name(cfg.experiment, overrides)
