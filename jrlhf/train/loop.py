@@ -27,6 +27,7 @@ import tqdm
 from jrlhf import data as data_lib
 from jrlhf.algorithms import sft
 from jrlhf.algorithms.step import combine_params, interleave_micro_batches
+from jrlhf.distributed import storage_path
 from jrlhf.sharding import batch_sharding, make_mesh, put_batch, sharding_context
 from jrlhf.train import checkpoint, evaluate, metrics as metrics_lib
 from jrlhf.train.optimizer import make_optimizer
@@ -108,12 +109,12 @@ def load_run_data(cfg) -> RunData:
 
 def train(cfg, run_dir: pathlib.Path) -> dict[str, Any]:
   """Runs (or resumes) `cfg` in `run_dir`; returns the final metrics (train and `eval/`)."""
-  return run(cfg, pathlib.Path(run_dir), load_run_data(cfg))
+  return run(cfg, storage_path(run_dir), load_run_data(cfg))
 
 
 def run(cfg, run_dir: pathlib.Path, data: RunData) -> dict[str, Any]:
   """The loop itself, on any `RunData` (tests pass synthetic batches)."""
-  return _Run(cfg, pathlib.Path(run_dir), data).loop()
+  return _Run(cfg, storage_path(run_dir), data).loop()
 
 
 def _full_params(state) -> Any:
