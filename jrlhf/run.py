@@ -5,6 +5,8 @@
     python -m jrlhf.run experiment=tiny/sft print_config=true    # resolved config, then exit
     python -m jrlhf.run experiment=tiny/sft --help               # every key, type and value
     python -m jrlhf.run -m experiment=tiny/sft optim.lr=1e-3,3e-4 seed=0,1 -j 2   # a sweep
+    python -m jrlhf.run experiment=tiny/sft dist.coordinator=host0:8476 \
+        dist.num_processes=2 dist.process_id=0                   # host 0 of 2 (see jrlhf.distributed)
 
 Precedence: defaults < the experiment's CONFIG < the command line. Values are parsed by the
 key's type (`true`/`false`, `3e-4`, `None`, tuples as `64,128`). An unknown key or a bad value
@@ -12,6 +14,10 @@ exits with status 2 and says what would be valid. The run directory defaults to
 `runs/<experiment>,<key=value,...>` (sorted keys; identical on every host), where `config.json`
 (every key, resolved) is written before training starts. Running the same command again
 resumes from the run directory's last checkpoint (unless `train.resume=false`).
+
+On a Cloud TPU VM slice the same command runs on every worker and the workers find each other
+(`jrlhf.distributed`); only process 0 writes config.json, metrics and samples. `run_dir` may be
+a bucket (`run_dir=gs://bucket/runs/x`): on several hosts it must be storage they all share.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from jrlhf import config, sweep
+from jrlhf import config, distributed, sweep
 from jrlhf.algorithms.sft import SFTConfig
 
 USAGE = ("usage: python -m jrlhf.run [experiment=NAME] [key=value ...] [print_config=true]\n"
@@ -115,9 +121,17 @@ def main(argv: list[str] | None = None, train_fns: Mapping[type, Trainer] | None
     print(f"error: no trainer for {type(cfg.algorithm).__name__}; trainers exist for "
           f"{', '.join(t.__name__ for t in fns)}", file=sys.stderr)
     return 2
-  run_dir.mkdir(parents=True, exist_ok=True)
-  _warn_if_config_changed(run_dir / "config.json", config.flatten(cfg))
-  config.write_config(cfg, run_dir / "config.json")
+  try:
+    # Before anything touches a device: afterwards jax.devices() spans every host.
+    distributed.initialize(cfg.dist)
+  except distributed.DistributedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if distributed.is_writer():
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _warn_if_config_changed(run_dir / "config.json", config.flatten(cfg))
+    config.write_config(cfg, run_dir / "config.json")
+  _warn_if_not_shared(run_dir)
   from jrlhf.train.checkpoint import ResumeMismatch  # noqa: PLC0415 - see trainers()
   from jrlhf.train.loop import NonFiniteLoss  # noqa: PLC0415
 
@@ -127,6 +141,16 @@ def main(argv: list[str] | None = None, train_fns: Mapping[type, Trainer] | None
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
+
+
+def _warn_if_not_shared(run_dir: Path) -> None:
+  """Every host writes its own shards of a checkpoint: on local disks they end up scattered."""
+  import jax  # noqa: PLC0415 - after distributed.initialize
+
+  if jax.process_count() > 1 and distributed.is_writer() and not distributed.is_url(run_dir):
+    print(f"warning: {jax.process_count()} processes checkpoint into the local path {run_dir}; "
+          f"unless it is a filesystem every host shares, the checkpoints are incomplete. Use "
+          f"run_dir=gs://BUCKET/... on a pod", file=sys.stderr)
 
 
 def _warn_if_config_changed(path: Path, flat: dict[str, Any]) -> None:

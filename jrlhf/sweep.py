@@ -3,7 +3,10 @@
 Every comma list is an axis; the cartesian product of the axes gives the points, and each point
 runs as its own process, `python -m jrlhf.run <its key=value ...>`, in its own run directory
 (the name derives from the point's overrides, so reruns of a sweep resume point by point).
-Points run one at a time unless `-j N`; with -j their output goes to `<run_dir>/sweep.log`.
+Points run one at a time unless `-j N`; with -j their output goes to `<run_dir>/sweep.log`
+(`runs/<name>/sweep.log` when the run dir is a bucket). On a TPU pod the same sweep command runs
+on every worker: each worker's sweep starts the same points in the same order, and each point's
+processes join up as one multi-host run (one point at a time: a point uses the whole pod).
 A value in brackets is one value, not an axis: `data.buckets=[64,128]` passes `64,128`.
 
 Every point is resolved before the first one starts, so a typo fails the sweep in a second, not
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from jrlhf import config
+from jrlhf.distributed import is_url, storage_path
 
 Command = Callable[[list[str]], list[str]]
 INTERRUPTED = 130
@@ -52,7 +56,7 @@ def expand(overrides: Mapping[str, str]) -> list[dict[str, str]]:
     # One given run_dir for all points would make them share (and resume) one directory.
     for point in points:
       rest = {k: v for k, v in point.items() if k != "experiment"}
-      point["run_dir"] = str(Path(point["run_dir"]) / config.run_name(
+      point["run_dir"] = str(storage_path(point["run_dir"]) / config.run_name(
           point.get("experiment", ""), rest))
   return points
 
@@ -93,8 +97,9 @@ def run(points: list[dict[str, str]], dirs: list[Path], jobs: int = 1,
         print(f"[sweep] point {i + 1}/{len(points)}: {' '.join(args)} -> {dirs[i]}", flush=True)
         out = None
         if jobs > 1:
-          dirs[i].mkdir(parents=True, exist_ok=True)
-          out = open(dirs[i] / "sweep.log", "ab")
+          log = log_path(dirs[i])
+          log.parent.mkdir(parents=True, exist_ok=True)
+          out = open(log, "ab")
         # Own session: the terminal's Ctrl-C reaches only the sweep, which forwards it once.
         running[i] = subprocess.Popen(command(args), stdout=out, stderr=out, env=env,
                                       start_new_session=True)
@@ -120,6 +125,13 @@ def run(points: list[dict[str, str]], dirs: list[Path], jobs: int = 1,
       for i, proc in running.items():
         codes[i] = proc.wait()
   return codes, interrupted
+
+
+def log_path(run_dir) -> Path:
+  """A point's output under -j; local even for a bucket run dir (buckets cannot append)."""
+  if is_url(run_dir):
+    return Path(config.RUNS_DIR) / run_dir.name / "sweep.log"
+  return Path(run_dir) / "sweep.log"
 
 
 def _signal(procs, sig) -> None:

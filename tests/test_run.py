@@ -216,3 +216,40 @@ def test_ctrl_c_stops_the_children(in_tmp):
   table = out[out.index("#  exit"):].splitlines()
   assert sum("FAILED" in line for line in table) == 2, out  # both stopped by the forwarded SIGINT
   assert sum("not run" in line for line in table) == 1, out  # the third never started
+
+
+# --- multi-host -------------------------------------------------------------------------------
+
+
+def test_joins_the_other_processes_before_training_and_only_process_0_writes(in_tmp, monkeypatch):
+  from jrlhf import distributed
+
+  events = []
+  monkeypatch.setattr(distributed, "initialize", lambda cfg: events.append(("init", cfg)))
+  monkeypatch.setattr(distributed, "is_writer", lambda: False)  # as on process 1
+  args = ["run_dir=r", "dist.coordinator=h0:8476", "dist.num_processes=2", "dist.process_id=1"]
+  assert run.main(args, train_fns={SFTConfig: lambda cfg, d: events.append(("train", d))}) == 0
+  assert [name for name, _ in events] == ["init", "train"]
+  dist_cfg, run_dir = events[0][1], events[1][1]
+  assert (dist_cfg.coordinator, dist_cfg.num_processes, dist_cfg.process_id) == ("h0:8476", 2, 1)
+  assert str(run_dir) == "r" and not (in_tmp / "r").exists()  # process 0 writes config.json
+
+
+def test_a_run_that_cannot_join_says_what_to_set(in_tmp, capsys, monkeypatch):
+  import jax
+
+  def no_launcher(**kwargs):  # what JAX says when nothing names the coordinator
+    raise ValueError("coordinator_address should be defined.")
+
+  monkeypatch.setattr(jax.distributed, "initialize", no_launcher)
+  assert run.main(["dist.enable=true"], train_fns={SFTConfig: FakeTrainer()}) == 2
+  assert "dist.coordinator=HOST:PORT" in capsys.readouterr().err
+
+
+def test_bucket_run_dir_per_sweep_point_keeps_its_scheme():
+  points = sweep.expand({"seed": "0,1", "run_dir": "gs://bkt/sw"})
+  assert [p["run_dir"] for p in points] == ["gs://bkt/sw/default,seed=0",
+                                            "gs://bkt/sw/default,seed=1"]
+  dirs = sweep.plan(points)
+  assert [str(d) for d in dirs] == [p["run_dir"] for p in points]
+  assert str(sweep.log_path(dirs[0])) == "runs/default,seed=0/sweep.log"  # local: no append there

@@ -10,6 +10,10 @@ resuming at step N continues the data stream exactly where it stopped.
   ckpt.maybe_save(step, state, fingerprint)     # at the cadence (async)
   ckpt.save(step, state, fingerprint)           # now (final, SIGTERM, NaN)
   ckpt.close()                                  # waits for async writes
+
+On several hosts every process writes its own shards, so `directory` must be storage they all
+see: a bucket (`gs://bucket/runs/x/checkpoints`, kept a URL by `checkpoint_dir`) or a shared
+filesystem.
 """
 
 from __future__ import annotations
@@ -17,15 +21,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import pathlib
 import shutil
 import signal
 import sys
 from typing import Any, Iterator
 
-import jax
 import orbax.checkpoint as ocp
 
+from jrlhf.distributed import barrier, is_url, is_writer, storage_path
 from jrlhf.models import save_pretrained
 from jrlhf.train.state import TrainState, abstract
 
@@ -42,11 +47,17 @@ class ResumeMismatch(ValueError):
   pass
 
 
+def checkpoint_dir(directory: str | os.PathLike) -> Any:
+  """Where orbax writes: an absolute local path (orbax requires one) or the bucket URL as is."""
+  path = storage_path(directory)
+  return path if is_url(path) else path.absolute()
+
+
 class Checkpointer:
   """CheckpointManager for one run: cadence `every` steps (0 = only explicit saves), last `keep`."""
 
   def __init__(self, directory: pathlib.Path, *, every: int, keep: int, async_save: bool = True):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = checkpoint_dir(directory)
     self.every = every
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
@@ -111,9 +122,16 @@ class Checkpointer:
 
 
 def clear(directory: pathlib.Path) -> None:
-  """Removes a run's old checkpoints (train.resume=false): a fresh run must not mix with them."""
-  if pathlib.Path(directory).exists() and jax.process_index() == 0:
-    shutil.rmtree(directory)
+  """Removes a run's old checkpoints (train.resume=false): a fresh run must not mix with them.
+
+  Process 0 deletes; the others wait for it, or they could find (and restore) the old ones."""
+  path = checkpoint_dir(directory)
+  if is_writer() and path.exists():
+    if is_url(path):
+      path.rmtree()
+    else:
+      shutil.rmtree(path)
+  barrier("jrlhf:checkpoints-cleared")
 
 
 class StopSignal:

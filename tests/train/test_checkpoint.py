@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jrlhf.sharding import MeshConfig, make_mesh
 from jrlhf.train import checkpoint
 from jrlhf.train.state import TrainState
+from tests.fake_bucket import fake_bucket
 
 
 def state(mesh, value):
@@ -53,3 +54,13 @@ def test_empty_directory_keeps_the_fresh_state(tmp_path):
   fresh = state(mesh, 1.0)
   assert ckpt.restore_or(fresh, "fp") is fresh
   ckpt.close()
+
+
+def test_bucket_checkpoint_dir_stays_a_url(tmp_path):
+  assert str(checkpoint.checkpoint_dir("gs://bkt/runs/a") / "7") == "gs://bkt/runs/a/7"
+  assert checkpoint.checkpoint_dir("rel/ckpt").is_absolute()
+  (tmp_path / "bkt/runs/a/checkpoints/3").mkdir(parents=True)
+  with fake_bucket(tmp_path):
+    checkpoint.clear("gs://bkt/runs/a/checkpoints")
+  assert not (tmp_path / "bkt/runs/a/checkpoints").exists()
+  assert (tmp_path / "bkt/runs/a").exists()
