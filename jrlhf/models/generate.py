@@ -131,7 +131,8 @@ def _record(loop: _Loop, token_B, logp_B, cfg: SamplingConfig) -> _Loop:
           loop.logprobs_BxN, jnp.where(alive_B, logp_B, 0.0)[:, None], col))
 
 
-def _check_inputs(model: Transformer, prompt_BxP, prompt_mask_BxP, cfg: SamplingConfig):
+def _check_inputs(model: Transformer, prompt_BxP, prompt_mask_BxP, cfg: SamplingConfig,
+                  virtual_tokens: int):
   mcfg = model.cfg
   if prompt_BxP.ndim != 2 or prompt_mask_BxP.shape != prompt_BxP.shape:
     raise ValueError(
@@ -144,11 +145,12 @@ def _check_inputs(model: Transformer, prompt_BxP, prompt_mask_BxP, cfg: Sampling
     raise ValueError(f"token ids {bad} (pad_id / stop_tokens) are >= vocab_size={mcfg.vocab_size}")
   if cfg.temperature and cfg.top_k > mcfg.vocab_size:
     raise ValueError(f"top_k={cfg.top_k} exceeds vocab_size={mcfg.vocab_size}; use 0 for off")
-  total = prompt_BxP.shape[1] + cfg.max_new_tokens
+  total = virtual_tokens + prompt_BxP.shape[1] + cfg.max_new_tokens
   if mcfg.is_gpt2 and total > mcfg.max_position_embeddings:
     raise ValueError(
-        f"prompt length {prompt_BxP.shape[1]} + max_new_tokens {cfg.max_new_tokens} = {total} "
-        f"exceeds max_position_embeddings={mcfg.max_position_embeddings} of this GPT-2 model")
+        f"{virtual_tokens} virtual tokens + prompt length {prompt_BxP.shape[1]} + max_new_tokens "
+        f"{cfg.max_new_tokens} = {total} exceeds max_position_embeddings="
+        f"{mcfg.max_position_embeddings} of this GPT-2 model")
 
 
 def generate(model: Transformer, params: Any, prompt_BxP: Array, prompt_mask_BxP: Array,
@@ -159,13 +161,18 @@ def generate(model: Transformer, params: Any, prompt_BxP: Array, prompt_mask_BxP
   row needs at least one real token. Row b's new token n gets position
   `sum(prompt_mask_BxP[b]) + n`, exactly what a forward pass over [prompt; new tokens] with the
   concatenated mask assigns, so `logprobs_BxN` can be recomputed by such a pass (with logits / T).
+
+  A prompt- or prefix-tuned tree's prefix is computed once and written to cache slots 0..T-1;
+  the model then adds T to every position itself, as it does in a forward pass.
   """
-  _check_inputs(model, prompt_BxP, prompt_mask_BxP, cfg)
+  prefix = model.apply({"params": params}, method=Transformer.prefix_kv)
+  t = 0 if prefix is None else prefix.k_KxTxDh.shape[-2]
+  _check_inputs(model, prompt_BxP, prompt_mask_BxP, cfg, t)
   b, p = prompt_BxP.shape
   n = cfg.max_new_tokens
   prompt_mask_BxP = prompt_mask_BxP.astype(bool)
-  # The last sampled token is never fed back, so P + N - 1 slots hold everything attended to.
-  cache = KVCache.empty(model.cfg, b, p + n - 1, per_layer=True)
+  # The last sampled token is never fed back, so T + P + N - 1 slots hold everything attended to.
+  cache = KVCache.empty(model.cfg, b, t + p + n - 1, per_layer=True, prefix=prefix)
   # One copy of the weights per call, so no decode step copies a layer out of the stack.
   model, params = model.clone(unstacked=True), unstack_layers(params, model.cfg.num_layers)
   logits_BxV, cache = model.apply({"params": params}, prompt_BxP.astype(jnp.int32),

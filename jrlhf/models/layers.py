@@ -159,54 +159,80 @@ def self_mask(valid_BxL: Array, segment_ids_BxL: Array | None, window: int | Non
 
 
 def cache_mask(cache_valid_BxS: Array, index: Array, length: int, window: int | None,
-               include_new: bool = False) -> Array:
+               include_new: bool = False, prefix_slots: int = 0) -> Array:
   """Mask (B, L, S) of new tokens (which will sit at slots index..index+L-1) over cache slots;
-  with `include_new`, the new tokens are already in the cache and see themselves causally."""
+  with `include_new`, the new tokens are already in the cache and see themselves causally.
+  Slots 0..prefix_slots-1 hold a prompt/prefix-tuning prefix, which the window never hides."""
   slots = cache_valid_BxS.shape[1]
   q_idx = index + jnp.arange(length)[:, None]
   k_idx = jnp.arange(slots)[None, :]
   visible_LxS = jnp.broadcast_to((k_idx <= q_idx) if include_new else (k_idx < index),
                                  (length, slots))
   if window is not None:
-    visible_LxS &= q_idx - k_idx < window
+    visible_LxS &= (q_idx - k_idx < window) | (k_idx < prefix_slots)
   return visible_LxS[None] & cache_valid_BxS[:, None, :]
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention over one or more key sets (cache slots, new tokens) without concatenating keys.
+# Attention over one or more key sets (prefix, cache slots, new tokens) without concatenating
+# keys.
 
 
-def attend(q_BxLxKxGxDh: Array, keys: list[Array], values: list[Array],
-           masks: list[Array]) -> Array:
-  """softmax(q k^T) v over the union of key sets; each k/v is (B, K, S_i, Dh), mask (B, L, S_i).
+def _scores(q_BxLxKxGxDh: Array, k: Array) -> Array:
+  # A prompt/prefix-tuning prefix is shared by every row: (K, T, Dh), no batch dimension.
+  spec = "BLKGd,BKSd->BKGLS" if k.ndim == 4 else "BLKGd,KSd->BKGLS"
+  return jnp.einsum(spec, q_BxLxKxGxDh, k, preferred_element_type=jnp.float32)
+
+
+def attend(q_BxLxKxGxDh: Array, keys: list[Array], values: list[Array], masks: list[Array],
+           gate_KxGxT: Array | None = None) -> Array:
+  """softmax(q k^T) v over the union of key sets; each k/v is (B, K, S_i, Dh) or, shared by all
+  rows, (K, S_i, Dh); each mask is (B, L, S_i).
 
   Scores and softmax are float32 whatever the compute dtype: bf16 scores lose the small
   differences that softmax amplifies. Keys are never concatenated (that would copy a KV cache on
   every decode step); only the small score tensors are.
+
+  With `gate_KxGxT`, the first T keys (a gated prefix) get a softmax of their own, weighted by
+  the gate, as in LLaMA-Adapter: a zero gate removes them exactly, which a zero key or value in
+  the joint softmax would not (it still takes probability mass from the real keys).
   """
-  scores = [jnp.einsum("BLKGd,BKSd->BKGLS", q_BxLxKxGxDh, k, preferred_element_type=jnp.float32)
-            for k in keys]
+  scores = [_scores(q_BxLxKxGxDh, k) for k in keys]
   scores_BxKxGxLxS = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
   mask_BxLxS = jnp.concatenate(masks, axis=-1) if len(masks) > 1 else masks[0]
   scores_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxKxGxLxS,
                                jnp.finfo(jnp.float32).min)
-  probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(q_BxLxKxGxDh.dtype)
+  if gate_KxGxT is None:
+    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1)
+  else:
+    t = gate_KxGxT.shape[-1]
+    prefix_BxKxGxLxT = jax.nn.softmax(scores_BxKxGxLxS[..., :t], axis=-1)
+    prefix_BxKxGxLxT *= gate_KxGxT[:, :, None, :].astype(jnp.float32)
+    probs_BxKxGxLxS = jnp.concatenate(
+        [prefix_BxKxGxLxT, jax.nn.softmax(scores_BxKxGxLxS[..., t:], axis=-1)], axis=-1)
+  probs_BxKxGxLxS = probs_BxKxGxLxS.astype(q_BxLxKxGxDh.dtype)
   out_BxLxKxGxDh, start = 0, 0
   for v in values:
-    size = v.shape[2]
-    out_BxLxKxGxDh += jnp.einsum("BKGLS,BKSd->BLKGd", probs_BxKxGxLxS[..., start:start + size], v)
+    size = v.shape[-2]
+    spec = "BKGLS,BKSd->BLKGd" if v.ndim == 4 else "BKGLS,KSd->BLKGd"
+    out_BxLxKxGxDh += jnp.einsum(spec, probs_BxKxGxLxS[..., start:start + size], v)
     start += size
   return out_BxLxKxGxDh
 
 
 def chunked_causal_attend(q_BxLxKxGxDh: Array, k_BxKxLxDh: Array, v_BxKxLxDh: Array,
                           mask_BxLxL: Array, chunk: int, window: int | None,
-                          cache: tuple[Array, Array, Array] | None = None) -> Array:
+                          cache: tuple[Array, Array, Array] | None = None,
+                          prefix: tuple[Array, Array] | None = None,
+                          gate_KxGxT: Array | None = None) -> Array:
   """`attend` over the new tokens (plus an optional cache), one query chunk at a time.
 
   A chunk of queries only looks at keys up to its own end (later keys are masked by causality,
   and before `window` by the sliding window), so about half of the score matrix is never
   computed: on CPU this is ~1.5x faster than the full masked product, fwd+bwd.
+
+  `prefix` (k, v), each (K, T, Dh), is seen by every query: no causality, no window, no segment.
+  `gate_KxGxT` gates the first T keys: the prefix, or (without `prefix`) the cache's first slots.
   """
   length = q_BxLxKxGxDh.shape[1]
   chunk = chunk if 0 < chunk < length else length
@@ -221,5 +247,9 @@ def chunked_causal_attend(q_BxLxKxGxDh: Array, k_BxKxLxDh: Array, v_BxKxLxDh: Ar
       keys.insert(0, cache_k)
       values.insert(0, cache_v)
       masks.insert(0, cache_mask_BxLxS[:, start:end])
-    outs.append(attend(q_BxLxKxGxDh[:, start:end], keys, values, masks))
+    if prefix is not None:
+      keys.insert(0, prefix[0])
+      values.insert(0, prefix[1])
+      masks.insert(0, jnp.ones((q_BxLxKxGxDh.shape[0], end - start, prefix[0].shape[-2]), bool))
+    outs.append(attend(q_BxLxKxGxDh[:, start:end], keys, values, masks, gate_KxGxT))
   return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]

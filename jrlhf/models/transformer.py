@@ -4,6 +4,11 @@ Family differences are flags on `ModelConfig` (biases, q/k norm, tied embeddings
 switch (LayerNorm, learned positions, GELU MLP). Attention runs over two key sets: an optional
 KV cache (earlier tokens) and the new tokens of this call, so one code path serves training,
 prefill and decode without ever copying the cache.
+
+Prompt tuning and prefix tuning (jrlhf.peft.prompt) reach the model through one hook: a
+top-level `prompt` or `prefix` sub-tree in the params becomes per-layer prefix keys/values
+(`Transformer.prefix_kv`) that every real token attends to, and real positions start at T, the
+number of virtual tokens, as in PEFT. See `Prefix` for the layouts.
 """
 
 from __future__ import annotations
@@ -36,15 +41,38 @@ class KVCache(NamedTuple):
   index: Array
 
   @classmethod
-  def empty(cls, cfg: ModelConfig, batch: int, slots: int, per_layer: bool = False) -> "KVCache":
+  def empty(cls, cfg: ModelConfig, batch: int, slots: int, per_layer: bool = False,
+            prefix: Prefix | None = None) -> "KVCache":
+    """A cache of `slots` slots; with a (layer-stacked) `prefix` of T entries from
+    `Transformer.prefix_kv`, slots 0..T-1 hold it, valid, and writing starts at slot T."""
     shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
+    k = v = jnp.zeros((cfg.num_layers, *shape), dtype)
+    valid_BxS, index = jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32)
+    if prefix is not None:
+      t = prefix.k_KxTxDh.shape[-2]
+      put = lambda full, p_LxKxTxDh: full.at[:, :, :, :t].set(  # noqa: E731
+          p_LxKxTxDh[:, None].astype(dtype))  # broadcast over the batch
+      k, v = put(k, prefix.k_KxTxDh), put(v, prefix.v_KxTxDh)
+      valid_BxS, index = valid_BxS.at[:, :t].set(True), jnp.asarray(t, jnp.int32)
     if per_layer:
-      k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-      v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    else:
-      k = v = jnp.zeros((cfg.num_layers, *shape), dtype)
-    return cls(k, v, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+      k, v = tuple(k), tuple(v)
+    return cls(k, v, valid_BxS, index)
+
+
+class Prefix(NamedTuple):
+  """Per-layer keys/values that every real token attends to (no batch dim: all rows share them).
+
+  Scanned, each field carries a leading layer axis. k/v are (K, T, Dh), used as they are (no
+  RoPE: HF past_key_values semantics). In a call with a cache they are None: the prefix already
+  sits in cache slots 0..T-1 (`KVCache.empty(..., prefix=...)`). `gate_KxGxT` is set for a
+  gated prefix (`prefix/gate` in the params): the prefix gets its own softmax, weighted per
+  query head by the gate (broadcast over T so its shape says which keys it gates).
+  """
+
+  k_KxTxDh: Array | None
+  v_KxTxDh: Array | None
+  gate_KxGxT: Array | None = None
 
 
 class Side(NamedTuple):
@@ -61,7 +89,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, side: Side, cache_kv):
+  def __call__(self, x_BxLxD, side: Side, cache_kv, prefix: Prefix | None):
     cfg = self.cfg
     b, length, _ = x_BxLxD.shape
     h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -82,6 +110,7 @@ class Attention(nn.Module):
     # Keys/values are (B, K, S, Dh) everywhere: batch dims lead, so the score and value matmuls
     # read the cache as it is stored (a (B, S, K, Dh) cache was transposed every decode step).
     k_BxKxLxDh, v_BxKxLxDh = k_BxLxKxDh.transpose(0, 2, 1, 3), v_BxLxKxDh.transpose(0, 2, 1, 3)
+    gate = None if prefix is None else prefix.gate_KxGxT
     if side.cache_index is not None:
       # Write first, then attend over the whole cache: the reads depend on the write, so XLA
       # updates this layer's cache in place instead of copying it.
@@ -90,13 +119,16 @@ class Attention(nn.Module):
           cache_kv[0], k_BxKxLxDh.astype(cache_kv[0].dtype), start)
       cache_v = jax.lax.dynamic_update_slice(
           cache_kv[1], v_BxKxLxDh.astype(cache_kv[1].dtype), start)
-      out_BxLxKxGxDh = layers.attend(q_BxLxKxGxDh, [cache_k], [cache_v], [side.cache_mask_BxLxS])
+      out_BxLxKxGxDh = layers.attend(q_BxLxKxGxDh, [cache_k], [cache_v], [side.cache_mask_BxLxS],
+                                     gate)
       new_kv = (cache_k, cache_v)
     else:
       cache = None if cache_kv is None else (*cache_kv, side.cache_mask_BxLxS)
+      prefix_kv = None if prefix is None or prefix.k_KxTxDh is None else (
+          prefix.k_KxTxDh.astype(k_BxKxLxDh.dtype), prefix.v_KxTxDh.astype(v_BxKxLxDh.dtype))
       out_BxLxKxGxDh = layers.chunked_causal_attend(
           q_BxLxKxGxDh, k_BxKxLxDh, v_BxKxLxDh, side.self_mask_BxLxL, cfg.attention_chunk,
-          cfg.sliding_window, cache)
+          cfg.sliding_window, cache, prefix_kv, gate)
       new_kv = (k_BxKxLxDh, v_BxKxLxDh)
     out_BxLxD = layers.Dense(cfg.hidden_size, ("heads", "embed"), cfg.attention_out_bias, cfg,
                              name="o")(out_BxLxKxGxDh.reshape(b, length, h * dh))
@@ -130,10 +162,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, side: Side, cache_kv):
+  def __call__(self, x_BxLxD, side: Side, cache_kv, prefix: Prefix | None):
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed_act"))
     attn_BxLxD, new_kv = Attention(self.cfg, name="attn")(
-        layers.make_norm(self.cfg, "attn_norm")(x_BxLxD), side, cache_kv)
+        layers.make_norm(self.cfg, "attn_norm")(x_BxLxD), side, cache_kv, prefix)
     x_BxLxD = x_BxLxD + attn_BxLxD
     x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(layers.make_norm(self.cfg, "mlp_norm")(x_BxLxD))
     return x_BxLxD, new_kv
@@ -179,7 +211,7 @@ class Transformer(nn.Module):
     else:
       self.layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, 0), length=cfg.num_layers, unroll=cfg.scan_unroll,
+          in_axes=(nn.broadcast, 0, 0), length=cfg.num_layers, unroll=cfg.scan_unroll,
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     self.final_norm = layers.make_norm(cfg, "final_norm")
     if self.head == "scalar":
@@ -193,35 +225,38 @@ class Transformer(nn.Module):
                attention_mask_BxL=None, cache: KVCache | None = None):
     cfg = self.cfg
     b, length = tokens_BxL.shape
+    t = self.num_virtual_tokens()
     if positions_BxL is None:
       positions_BxL = default_positions(tokens_BxL, attention_mask_BxL)
+      if cfg.is_gpt2 and t + length > cfg.max_position_embeddings:
+        raise ValueError(
+            f"{t} virtual + {length} real tokens exceed max_position_embeddings="
+            f"{cfg.max_position_embeddings} of this GPT-2 model; use fewer tokens")
+    # Real tokens follow the T virtual ones: PEFT's positions count the prompt or prefix.
+    positions_BxL = positions_BxL + t
     valid_BxL = (jnp.ones((b, length), bool) if attention_mask_BxL is None
                  else attention_mask_BxL.astype(bool))
-    x_BxLxD = self.embed.astype(cfg.dtype)[tokens_BxL]
-    if cfg.is_gpt2:
-      x_BxLxD = x_BxLxD + self.pos_embed.astype(cfg.dtype)[positions_BxL]
+    x_BxLxD = self._embed(tokens_BxL, positions_BxL)
     self_mask_BxLxL = layers.self_mask(valid_BxL, segment_ids_BxL, cfg.sliding_window)
+    # Without a cache the prefix is computed here; a cache already holds it in slots 0..T-1,
+    # and only a gate (if any) is still needed to weight those slots.
+    prefix = self.prefix_kv() if cache is None else self._gate_only()
     if cache is not None:
       new_valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, valid_BxL, (0, cache.index))
     if self.unstacked:
       side = Side(positions_BxL, self_mask_BxLxL, None if cache is None else layers.cache_mask(
-          new_valid_BxS, cache.index, length, cfg.sliding_window, include_new=True),
-          None if cache is None else cache.index)
-      ks, vs = [], []
-      for i, block in enumerate(self.blocks):
-        layer_cache = None if cache is None else (cache.k_LxBxKxSxDh[i], cache.v_LxBxKxSxDh[i])
-        x_BxLxD, (k, v) = block(x_BxLxD, side, layer_cache)
-        ks.append(k)
-        vs.append(v)
+          new_valid_BxS, cache.index, length, cfg.sliding_window, include_new=True,
+          prefix_slots=t), None if cache is None else cache.index)
+      x_BxLxD, (ks, vs) = self._unstacked_layers(x_BxLxD, side, cache, prefix)
       x_BxLxD = self.final_norm(x_BxLxD)
       if cache is None:
         return self._head(x_BxLxD)
       new_cache = KVCache(tuple(ks), tuple(vs), new_valid_BxS, cache.index + length)
       return self._head(x_BxLxD[:, -1:])[:, 0], new_cache
     side = Side(positions_BxL, self_mask_BxLxL, None if cache is None else layers.cache_mask(
-        cache.valid_BxS, cache.index, length, cfg.sliding_window))
+        cache.valid_BxS, cache.index, length, cfg.sliding_window, prefix_slots=t))
     cache_kv = None if cache is None else (cache.k_LxBxKxSxDh, cache.v_LxBxKxSxDh)
-    x_BxLxD, (k_LxBxKxLxDh, v_LxBxKxLxDh) = self.layers(x_BxLxD, side, cache_kv)
+    x_BxLxD, (k_LxBxKxLxDh, v_LxBxKxLxDh) = self.layers(x_BxLxD, side, cache_kv, prefix)
     x_BxLxD = self.final_norm(x_BxLxD)
     if cache is None:
       return self._head(x_BxLxD)
@@ -232,6 +267,80 @@ class Transformer(nn.Module):
                         cache.index + length)
     return self._head(x_BxLxD[:, -1:])[:, 0], new_cache
 
+  def _embed(self, tokens_BxL, positions_BxL):
+    x_BxLxD = self.embed.astype(self.cfg.dtype)[tokens_BxL]
+    if self.cfg.is_gpt2:
+      x_BxLxD = x_BxLxD + self.pos_embed.astype(self.cfg.dtype)[positions_BxL]
+    return x_BxLxD
+
+  def _unstacked_layers(self, x_BxLxD, side: Side, cache: KVCache | None, prefix: Prefix | None):
+    ks, vs = [], []
+    for i, block in enumerate(self.blocks):
+      layer_cache = None if cache is None else (cache.k_LxBxKxSxDh[i], cache.v_LxBxKxSxDh[i])
+      x_BxLxD, (k, v) = block(x_BxLxD, side, layer_cache, jax.tree.map(lambda a: a[i], prefix))
+      ks.append(k)
+      vs.append(v)
+    return x_BxLxD, (ks, vs)
+
+  # -------------------------------------------------------------------------------------------
+  # Prompt / prefix tuning: trainable `prompt` or `prefix` sub-trees (jrlhf.peft.prompt) that
+  # a plain tree does not have.
+
+  def num_virtual_tokens(self) -> int:
+    """T: the prompt's or prefix's length (static, from the param shapes); 0 for a plain tree."""
+    prompt, prefix = self._tuned_params()
+    if prompt is not None:
+      return prompt["embeddings"].shape[0]
+    if prefix is not None:
+      return (prefix["k"] if "k" in prefix else prefix["embedding"]).shape[-2]
+    return 0
+
+  def _tuned_params(self):
+    get = lambda name: (self.get_variable("params", name)  # noqa: E731
+                        if self.has_variable("params", name) else None)
+    prompt, prefix = get("prompt"), get("prefix")
+    if prompt is not None and prefix is not None:
+      raise ValueError("params hold both a `prompt` and a `prefix` sub-tree; use one of prompt "
+                       "tuning or prefix tuning")
+    return prompt, prefix
+
+  def prefix_kv(self) -> Prefix | None:
+    """The layer-stacked prefix keys/values (layers, K, T, Dh) of a prompt- or prefix-tuned
+    tree, None for a plain one. `model.apply({"params": p}, method=Transformer.prefix_kv)`.
+
+    Prompt tuning: the virtual tokens attend only to each other, so their keys/values do not
+    depend on the input; they come from one pass of the layers over the (1, T, D) virtual
+    embeddings at positions 0..T-1, exactly what PEFT's concatenation computes for them.
+    """
+    cfg = self.cfg
+    prompt, prefix = self._tuned_params()
+    if prompt is not None:
+      t = prompt["embeddings"].shape[0]
+      positions_1xT = jnp.arange(t)[None]
+      x_1xTxD = prompt["embeddings"].astype(cfg.dtype)[None]
+      if cfg.is_gpt2:
+        x_1xTxD = x_1xTxD + self.pos_embed.astype(cfg.dtype)[positions_1xT]
+      side = Side(positions_1xT, layers.self_mask(jnp.ones((1, t), bool), None,
+                                                  cfg.sliding_window), None)
+      if self.unstacked:
+        _, (ks, vs) = self._unstacked_layers(x_1xTxD, side, None, None)
+        return Prefix(jnp.stack(ks)[:, 0], jnp.stack(vs)[:, 0])
+      _, (k_Lx1xKxTxDh, v_Lx1xKxTxDh) = self.layers(x_1xTxD, side, None, None)
+      return Prefix(k_Lx1xKxTxDh[:, 0], v_Lx1xKxTxDh[:, 0])
+    if prefix is None:
+      return None
+    k_LxKxTxDh, v_LxKxTxDh = prefix_from_params(prefix, cfg)
+    gate = self._gate_only()
+    return Prefix(k_LxKxTxDh, v_LxKxTxDh, None if gate is None else gate.gate_KxGxT)
+
+  def _gate_only(self) -> Prefix | None:
+    _, prefix = self._tuned_params()
+    if prefix is None or "gate" not in prefix:
+      return None
+    cfg, t = self.cfg, self.num_virtual_tokens()
+    k = cfg.num_kv_heads
+    gate_LxKxGx1 = prefix["gate"].reshape(cfg.num_layers, k, cfg.num_heads // k, 1)
+    return Prefix(None, None, jnp.broadcast_to(gate_LxKxGx1, (*gate_LxKxGx1.shape[:3], t)))
   def _head(self, x_BxLxD):
     if self.head == "scalar":
       return self.score(x_BxLxD)[..., 0].astype(jnp.float32)
@@ -240,6 +349,21 @@ class Transformer(nn.Module):
     else:
       logits_BxLxV = self.lm_head(x_BxLxD)
     return logits_BxLxV.astype(jnp.float32)
+
+
+def prefix_from_params(prefix: dict, cfg: ModelConfig) -> tuple[Array, Array]:
+  """(k, v), each (layers, K, T, Dh), from a `prefix` sub-tree: stored as is (`k`, `v`), or
+  PEFT's reparameterisation tanh(E w1 + b1) w2 + b2 with PEFT's layout of the output row
+  (layers, k|v, K, Dh), so PEFT's prefix encoder weights load unchanged."""
+  if "k" in prefix:
+    return prefix["k"], prefix["v"]
+  f32 = lambda name: prefix[name].astype(jnp.float32)  # noqa: E731 - tiny; keep it exact
+  h_TxH = jnp.tanh(f32("embedding") @ f32("w1") + f32("b1"))
+  kv_TxW = h_TxH @ f32("w2") + f32("b2")
+  t = kv_TxW.shape[0]
+  kv_2xLxKxTxDh = kv_TxW.reshape(t, cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim).transpose(
+      2, 1, 3, 0, 4)
+  return kv_2xLxKxTxDh[0], kv_2xLxKxTxDh[1]
 
 
 def unstack_layers(params: dict, num_layers: int) -> dict:
