@@ -108,6 +108,8 @@ def _rows(run_dir: Path) -> list[dict]:
   return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# 55-90 s on 2 shared cores (three runs compile the step and the sampler): the slow CI step.
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   with socket.socket() as s:
     s.bind(("localhost", 0))
