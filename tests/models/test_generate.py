@@ -78,6 +78,29 @@ def test_logprobs_equal_a_forward_pass(model_params, cfg):
   assert np.all(got_BxN[~real_BxN] == 0)
 
 
+@pytest.mark.parametrize("kind", ["prompt", "gated-prefix"])
+def test_prompt_or_prefix_tuned_greedy_equals_a_forward_pass(model_params, kind):
+  # The sampler puts the prefix in cache slots 0..T-1; a forward pass recomputes it.
+  from jrlhf.peft import prompt
+  _, params = model_params
+  if kind == "prompt":
+    tuned = prompt.add_prompt(params, jax.random.key(5), CFG, 4, init="vocab")
+  else:
+    tuned = prompt.add_prefix(params, jax.random.key(5), CFG, 4, zero_init=True)
+    tuned["prefix"]["gate"] += 0.8  # past the identity start, so the gated path counts
+  out = run(tuned, GREEDY)
+  expected_BxN, real_BxN = forward_logprobs(tuned, out, 1.0)
+  np.testing.assert_allclose(np.asarray(out.logprobs_BxN)[real_BxN], expected_BxN[real_BxN],
+                             atol=1e-4)
+  # Greedy: each token is the argmax of the forward pass's logits at its position.
+  prompt_BxP, mask_BxP = left_padded()
+  p = prompt_BxP.shape[1]
+  logits_BxLxV = forward(tuned, jnp.concatenate([prompt_BxP, out.tokens_BxN], axis=1),
+                         jnp.concatenate([mask_BxP, jnp.asarray(real_BxN)], axis=1))
+  np.testing.assert_array_equal(np.argmax(logits_BxLxV[:, p - 1:-1], -1), out.tokens_BxN)
+  assert np.any(np.asarray(out.tokens_BxN) != np.asarray(run(params, GREEDY).tokens_BxN))
+
+
 def test_greedy_matches_hf_generate():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")

@@ -158,3 +158,60 @@ def test_config_errors_are_actionable():
     ModelConfig(num_heads=4, num_kv_heads=3)
   with pytest.raises(ValueError, match="remat 'some'"):
     ModelConfig(remat="some")
+
+
+# Prompt / prefix tuning (jrlhf.peft.prompt builds the sub-trees; the model consumes them).
+VIRTUAL = 3
+
+
+@pytest.mark.parametrize("cfg", [
+    chz.replace(CFG, qk_norm=True, attention_bias=True, attention_out_bias=True, remat="full"),
+    GPT2], ids=["llama-qknorm-bias-remat", "gpt2"])
+def test_prompt_tuning_equals_virtual_tokens_in_the_input(cfg):
+  # PEFT's definition: the virtual embeddings concatenated before the input, positions 0..T+L-1.
+  from jrlhf.peft import prompt
+  model, params = init(cfg)
+  tuned = prompt.add_prompt(params, jax.random.key(1), cfg, VIRTUAL)
+  tuned["prompt"]["embeddings"] *= 40  # as large as the (scaled) token embeddings
+  x = tokens()
+  got = jax.jit(model.apply)({"params": tuned}, x)
+  wide = chz.replace(cfg, vocab_size=cfg.vocab_size + VIRTUAL)
+  ref_params = dict(params, embed=jnp.concatenate([params["embed"],
+                                                   tuned["prompt"]["embeddings"]]))
+  if "lm_head" in params:
+    ref_params["lm_head"] = {"kernel": jnp.pad(params["lm_head"]["kernel"], ((0, 0), (0, VIRTUAL)))}
+  virtual_ids = jnp.broadcast_to(cfg.vocab_size + jnp.arange(VIRTUAL), (x.shape[0], VIRTUAL))
+  ref = jax.jit(Transformer(wide).apply)({"params": ref_params},
+                                         jnp.concatenate([virtual_ids, x], axis=1))
+  np.testing.assert_allclose(got, ref[:, VIRTUAL:, :cfg.vocab_size], atol=1e-4)
+  if cfg.is_gpt2:  # learned positions run out at max_position_embeddings, prefix included
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+      model.apply({"params": tuned}, jnp.zeros((1, cfg.max_position_embeddings), jnp.int32))
+
+
+@pytest.mark.parametrize("kind", ["prompt", "gated-prefix"])
+def test_cache_decode_with_a_prefix_equals_full_forward(kind):
+  # A sliding window shorter than the prefix: the window must never hide the prefix, in the
+  # full pass (prefix keys) as in decoding (prefix in cache slots 0..T-1).
+  from jrlhf.peft import prompt
+  cfg = chz.replace(CFG, sliding_window=3, attention_chunk=4)
+  model, params = init(cfg)
+  rng = jax.random.key(1)
+  if kind == "prompt":
+    params = prompt.add_prompt(params, rng, cfg, VIRTUAL, init="vocab")
+  else:
+    params = prompt.add_prefix(params, rng, cfg, VIRTUAL, zero_init=True)
+    params["prefix"]["gate"] = jnp.linspace(-1, 1, cfg.num_layers * cfg.num_heads).reshape(
+        cfg.num_layers, cfg.num_heads)
+  x = tokens(length=9)
+  full = model.apply({"params": params}, x)
+  prefix = model.apply({"params": params}, method=Transformer.prefix_kv)
+  cache = KVCache.empty(cfg, batch=2, slots=VIRTUAL + 9, prefix=prefix)
+  apply = jax.jit(model.apply)
+  last, cache = apply({"params": params}, x[:, :6], cache=cache)
+  np.testing.assert_allclose(last, full[:, 5], atol=1e-5)
+  for t in range(6, 9):
+    pos = jnp.full((2, 1), t)
+    last, cache = apply({"params": params}, x[:, t:t + 1], positions_BxL=pos, cache=cache)
+    np.testing.assert_allclose(last, full[:, t], atol=1e-5)
+  assert int(cache.index) == VIRTUAL + 9
