@@ -9,6 +9,7 @@ Importing this package registers every PEFT leaf type with `jrlhf.models.layers.
 """
 
 from jrlhf.peft import adapters, lora, peft_format, quant, spec
+from jrlhf.peft import prompt
 from jrlhf.peft.lora import LoraWeight, combine, merge, split_trainable
 from jrlhf.peft.peft_format import load_peft_adapter, save_peft_adapter
 from jrlhf.peft.spec import ALL_LINEAR, LoraSpec
