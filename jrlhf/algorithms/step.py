@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jrlhf.peft import trainable as peft_trainable
+
 Array = jax.Array
 # fn(trainable, micro_batch) -> (loss_sum, aux): a loss summed (not averaged) over its units
 # (tokens, pairs) and a dict of sums; the step divides by the window's total afterwards.
@@ -25,23 +27,10 @@ SumLossFn = Callable[[Any, dict[str, Array]], tuple[Array, dict[str, Array]]]
 
 
 def combine_params(trainable: Any, frozen: Any) -> Any:
-  """The model's full param tree from the two disjoint halves of the state (DESIGN decision 3).
-
-  For full fine-tuning `frozen` is empty and this is `trainable`. Nested dicts merge key by key.
-  """
-  if not frozen:
-    return trainable
-  if not trainable:
-    return frozen
-  if isinstance(trainable, dict) and isinstance(frozen, dict):
-    both = trainable.keys() & frozen.keys()
-    out = {**frozen, **trainable}
-    for key in both:
-      out[key] = combine_params(trainable[key], frozen[key])
-    return out
-  raise ValueError(
-      f"trainable and frozen params overlap on a leaf ({type(trainable).__name__} vs "
-      f"{type(frozen).__name__}); each param must live in exactly one of the two trees")
+  """The model's full param tree from the two halves of the state (DESIGN decision 3): for full
+  fine-tuning `frozen` is empty and this is `trainable`; with PEFT it is
+  `jrlhf.peft.combine` (adapter weights back inside their leaves, over the frozen base)."""
+  return peft_trainable.combine(trainable, frozen)
 
 
 def interleave_micro_batches(micro_batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

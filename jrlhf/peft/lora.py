@@ -1,8 +1,8 @@
 """LoRA as a kernel leaf: y = x @ base + scale * (x @ a) @ b.
 
     params = lora.wrap(params, LoraSpec(targets="all-linear", rank=8, alpha=16), rng)
-    trainable, frozen = lora.split_trainable(params)     # optimizer state over `trainable`
-    logits = model.apply({"params": lora.combine(trainable, frozen)}, tokens_BxL)
+    trainable, frozen = peft.split_trainable(params)     # optimizer state over `trainable`
+    logits = model.apply({"params": peft.combine(trainable, frozen)}, tokens_BxL)
     plain = lora.merge(params)                           # base + scale * a @ b, for export
 
 A `LoraWeight` sits where a `kernel` array was. Under `layers/` every array carries the leading
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import zlib
 from typing import Any
 
 import jax
@@ -36,11 +35,22 @@ class LoraWeight:
   a: Array
   b: Array
   scale: float = dataclasses.field(metadata=dict(static=True))
+  # Dropout on the LoRA branch's input (PEFT's lora_dropout). It is active only while
+  # `dropout_key` holds keys, which the train step sets each step (trainable.with_dropout_keys);
+  # eval, sampling and export see None and run without it.
+  dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+  dropout_key: Array | None = None
+  trainable_fields = ("a", "b")
 
 
 def _lora_matmul(x_BxLxI: Array, w: LoraWeight, dtype) -> Array:
   y_BxLxO = layers.matmul(x_BxLxI, w.base, dtype)
-  x_BxLxR = jnp.einsum("...i,ir->...r", x_BxLxI.astype(dtype), w.a.astype(dtype))
+  x_BxLxI = x_BxLxI.astype(dtype)
+  if w.dropout > 0 and w.dropout_key is not None:
+    keep = 1.0 - w.dropout
+    mask_BxLxI = jax.random.bernoulli(w.dropout_key, keep, x_BxLxI.shape)
+    x_BxLxI = jnp.where(mask_BxLxI, x_BxLxI / keep, 0).astype(dtype)
+  x_BxLxR = jnp.einsum("...i,ir->...r", x_BxLxI, w.a.astype(dtype))
   delta_BxLxO = jnp.einsum("...r,ro->...o", x_BxLxR, w.b.astype(dtype))
   return y_BxLxO + (w.scale * delta_BxLxO).astype(y_BxLxO.dtype)
 
@@ -72,17 +82,12 @@ def wrap(params: Any, spec: spec_lib.LoraSpec, rng: Array) -> Any:
     rank, alpha = targets[path]
     *lead, fan_in, fan_out = leaf.shape
     dtype = _float_dtype(leaf)
-    key = jax.random.fold_in(rng, zlib_crc(path))
+    key = jax.random.fold_in(rng, spec_lib.stable_hash(path))
     a = _init_a(key, (*lead, fan_in, rank), spec.init, rank, fan_in, dtype)
     b = jnp.zeros((*lead, rank, fan_out), dtype)
-    return LoraWeight(leaf, a, b, spec.scale(rank, alpha))
+    return LoraWeight(leaf, a, b, spec.scale(rank, alpha), spec.dropout)
 
   return jax.tree_util.tree_map_with_path(one, params, is_leaf=spec_lib._is_kernel_leaf)
-
-
-def zlib_crc(text: str) -> int:
-  """A stable per-path seed (Python's hash() changes between processes)."""
-  return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
 def _dense(base: Any) -> Array:
@@ -131,69 +136,6 @@ def shardings_like(lparams: Any, params_sh: Any) -> Any:
     spec = lambda *axes: NamedSharding(sh.mesh, PartitionSpec(*lead, *axes))  # noqa: E731
     base = sh if isinstance(w.base, jax.Array) or hasattr(w.base, "__array__") else (
         quant.shardings_like(w.base, sh))
-    return LoraWeight(base, spec(in_axis, None), spec(None, out_axis), w.scale)
+    return dataclasses.replace(w, base=base, a=spec(in_axis, None), b=spec(None, out_axis))
 
   return jax.tree.map(like, lparams, params_sh, is_leaf=lambda x: isinstance(x, LoraWeight))
-
-
-# ---------------------------------------------------------------------------------------------
-# Trainable / frozen split (DESIGN decision 3). Both halves keep the full tree structure with
-# None where the other half holds the value, so `combine` is exact and optax sees only the
-# trainable arrays (None is an empty pytree). Inside a PEFT leaf (any dataclass registered in
-# KERNEL_HANDLERS), `base` and `base_*` fields are frozen, every other data field trainable, unless
-# the class names its own `trainable_fields`; a leaf without `base` (e.g. a 4-bit weight) is
-# frozen whole. Plain arrays are frozen unless their path matches `train_regex`.
-
-
-def _is_peft(x) -> bool:
-  return dataclasses.is_dataclass(x) and type(x) in layers.KERNEL_HANDLERS
-
-
-def _data_fields(leaf) -> list[str]:
-  return [f.name for f in dataclasses.fields(leaf) if not f.metadata.get("static", False)]
-
-
-def _trainable_fields(leaf) -> tuple[str, ...]:
-  names = getattr(type(leaf), "trainable_fields", None)
-  if names is not None:
-    return tuple(names)
-  fields = _data_fields(leaf)
-  frozen = lambda n: n == "base" or n.startswith("base_")  # noqa: E731 - e.g. a bias copy
-  return tuple(n for n in fields if not frozen(n)) if "base" in fields else ()
-
-
-def _split_leaf(path: str, leaf, train_regex):
-  if _is_peft(leaf):
-    train = _trainable_fields(leaf)
-    if not train:
-      return None, leaf
-    fields = _data_fields(leaf)
-    t = dataclasses.replace(leaf, **{n: None for n in fields if n not in train})
-    f = dataclasses.replace(leaf, **{n: None for n in fields if n in train})
-    return t, f
-  if train_regex is not None and re.search(train_regex, path):
-    return leaf, None
-  return None, leaf
-
-
-def split_trainable(params: Any, train_regex: str | None = None) -> tuple[Any, Any]:
-  """(trainable, frozen): LoRA a/b (and other PEFT leaves' own weights) vs everything else."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_peft)
-  pairs = [_split_leaf(spec_lib.path_str(kp), leaf, train_regex) for kp, leaf in flat]
-  trainable = jax.tree_util.tree_unflatten(treedef, [t for t, _ in pairs])
-  frozen = jax.tree_util.tree_unflatten(treedef, [f for _, f in pairs])
-  return trainable, frozen
-
-
-def combine(trainable: Any, frozen: Any) -> Any:
-  """The inverse of `split_trainable`."""
-  if trainable is None:
-    return frozen
-  if frozen is None:
-    return trainable
-  if isinstance(trainable, dict):
-    return {k: combine(trainable.get(k), frozen.get(k)) for k in {**frozen, **trainable}}
-  if _is_peft(trainable):
-    return dataclasses.replace(trainable, **{
-        n: combine(getattr(trainable, n), getattr(frozen, n)) for n in _data_fields(trainable)})
-  raise ValueError(f"both halves hold a {type(trainable).__name__} at the same place")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import zlib
 from typing import Any
 
 import jax
@@ -44,10 +45,13 @@ class LoraSpec:
   alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
   use_rslora: bool = False
   init: str = "kaiming"
+  dropout: float = 0.0
 
   def __post_init__(self):
     if self.init not in ("kaiming", "gaussian"):
       raise ValueError(f"init {self.init!r} is not one of 'kaiming', 'gaussian'")
+    if not 0 <= self.dropout < 1:
+      raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
     ranks = [self.rank, *self.rank_pattern.values()]
     if any(not isinstance(r, int) or r < 1 for r in ranks):
       raise ValueError(f"ranks must be positive integers, got {ranks}")
@@ -58,6 +62,11 @@ class LoraSpec:
 
 def _is_kernel_leaf(x) -> bool:
   return type(x) in layers.KERNEL_HANDLERS
+
+
+def stable_hash(text: str) -> int:
+  """A per-path seed that is the same in every process (Python's hash() is not)."""
+  return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
 def path_str(key_path) -> str:

@@ -236,19 +236,20 @@ def test_sharded_2x4_forward_equals_unsharded():
 
 def test_adapters_on_a_4bit_base_and_split_trainable():
   # A wrapper's base may be any kernel leaf: Houlsby/IA3 over NF4 weights (QLoRA-style).
-  from jrlhf.peft import lora, quant
+  from jrlhf.peft import quant
+  from jrlhf.peft.trainable import combine, split_trainable
   model, params, apply = init(LLAMA)
   q = quant.quantize(params, (r"attn/(k|v|o)/kernel$", r"mlp/down/kernel$"))
   wrapped = adapters.add_ia3(adapters.add_adapters(q, jax.random.key(1), "houlsby"))
   assert isinstance(wrapped["layers"]["attn"]["o"]["kernel"].base, quant.QuantizedWeight)
   np.testing.assert_allclose(apply(wrapped, tokens()), apply(quant.dequantize(q), tokens()),
                              atol=1e-5)
-  # lora.split_trainable reads `trainable_fields`: the 4-bit base and the bias copies are frozen.
-  trainable, frozen = lora.split_trainable(wrapped)
+  # split_trainable reads `trainable_fields`: the 4-bit base and the bias copies are frozen.
+  trainable, frozen = split_trainable(wrapped)
   t = trainable["layers"]["attn"]["o"]["kernel"]
   assert t.base is None and t.base_bias is None and t.up is not None
   f = frozen["layers"]["attn"]["k"]["kernel"]
   assert f.scale_vector is None and isinstance(f.base, quant.QuantizedWeight)
   moved = perturb(wrapped)
-  t, f = lora.split_trainable(moved)
-  np.testing.assert_allclose(apply(lora.combine(t, f), tokens()), apply(moved, tokens()))
+  t, f = split_trainable(moved)
+  np.testing.assert_allclose(apply(combine(t, f), tokens()), apply(moved, tokens()))
