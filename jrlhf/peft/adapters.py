@@ -17,10 +17,10 @@ IA3 (Liu et al. 2022): a learned vector l (init 1) scales the projection's outpu
 `on="out"`, as peft scales the whole output, bias included) or its input (mlp/down: `on="in"`).
 IA3 merges exactly into the kernel (`merge_ia3`); a bottleneck adapter is nonlinear and cannot.
 
-Parallel adapter (He et al. 2022, "beside the MLP"): mlp_out(x) + s * f(x D) U with x the MLP
-input. Not provided: no single kernel of the MLP both sees x and writes the MLP output, and
-wrapping `up` (or `gate`) sends the adapter's output through the MLP nonlinearity and `down`.
-It needs a model hook; see the report of issue 4 / `PARALLEL_HOOK` below.
+Parallel adapter (He et al. 2022, "beside the MLP"): mlp_out(x) + s * (f(x D + d) U + u) with x
+the MLP input, D: (hidden, R), R = hidden // reduction_factor. No kernel of the MLP both sees x
+and writes the MLP output, so it is a D -> D "kernel" leaf of its own, `mlp/parallel`, that the
+MLP adds when present (the hook in `jrlhf.models.transformer.MLP`).
 
 Arrays of a leaf under `layers/` carry the leading layer axis, like the kernel they wrap (nn.scan
 slices every leaf on axis 0). Trees are unboxed (`nn.unbox`) param trees.
@@ -57,6 +57,8 @@ ADAPTER_PRESETS: dict[str, dict[str, Any]] = {
                     reduction_factor=16, activation="swish", scale=1.0),
     "pfeiffer": dict(targets=(r"(^|/)mlp/down/kernel$",), reduction_factor=16,
                      activation="relu", scale=1.0),
+    # He et al.: beside the MLP, scale 4 (REFERENCE.md); `targets` do not apply.
+    "parallel": dict(targets=(), reduction_factor=2, activation="relu", scale=4.0),
 }
 # IA3 for decoders, as peft's defaults for Llama: k and v scaled on the output, the MLP
 # down-projection on its input (the "feedforward" module).
@@ -65,12 +67,6 @@ IA3_TARGETS: dict[str, str] = {
     r"(^|/)attn/v/kernel$": "out",
     r"(^|/)mlp/down/kernel$": "in",
 }
-
-PARALLEL_HOOK = """\
-In transformer.Block: m = mlp_norm(x); x = x + MLP(m) + ParallelAdapter(m), where
-ParallelAdapter is an optional submodule (present when its params are) computing
-s * (f(m @ down + down_bias) @ up + up_bias), down: (D, D // 2), up zeros, s = 4, f = relu."""
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +117,28 @@ def ia3_matmul(x_BxLxI: Array, w: Ia3Weight, dtype) -> Array:
   return (layers.matmul(x_BxLxI, w.base, dtype) + bias) * vec - bias
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ParallelAdapterWeight:
+  """Parallel adapter: x -> s * (f(x D + d) U + u), added to the MLP's output by the model."""
+
+  down: Array  # (..., D, R)
+  down_bias: Array  # (..., R)
+  up: Array  # (..., R, D)
+  up_bias: Array  # (..., D)
+  scale: float = dataclasses.field(default=4.0, metadata=dict(static=True))
+  activation: str = dataclasses.field(default="relu", metadata=dict(static=True))
+  trainable_fields = ("down", "down_bias", "up", "up_bias")
+
+
+def parallel_matmul(x_BxLxD: Array, w: ParallelAdapterWeight, dtype) -> Array:
+  z_BxLxR = ACTIVATIONS[w.activation](
+      layers.matmul(x_BxLxD, w.down, dtype) + w.down_bias.astype(dtype))
+  return w.scale * (layers.matmul(z_BxLxR, w.up, dtype) + w.up_bias.astype(dtype))
+
+
 layers.KERNEL_HANDLERS[AdapterWeight] = adapter_matmul
+layers.KERNEL_HANDLERS[ParallelAdapterWeight] = parallel_matmul
 layers.KERNEL_HANDLERS[Ia3Weight] = ia3_matmul
 
 
@@ -186,6 +203,8 @@ def add_adapters(params: dict, rng: Array, method: str = "houlsby", *,
   scale = preset["scale"] if scale is None else scale
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+  if method == "parallel":
+    return _add_parallel(params, rng, reduction_factor, activation, float(scale), init_std)
   _check_patterns(params, targets)
   counter = iter(range(1 << 30))
 
@@ -204,6 +223,22 @@ def add_adapters(params: dict, rng: Array, method: str = "houlsby", *,
         up_bias=jnp.zeros((*lead, out), dtype), scale=float(scale), activation=activation)
 
   return _map_kernels(params, wrap)
+
+
+def _add_parallel(params: dict, rng: Array, reduction_factor: int, activation: str,
+                  scale: float, init_std: float) -> dict:
+  """`layers/mlp/parallel` beside the MLP of every layer (D ~ N(0, init_std), U = u = 0)."""
+  mlp = params.get("layers", {}).get("mlp")
+  if mlp is None or "down" not in mlp:
+    raise ValueError("a parallel adapter needs the scanned `layers/mlp` of a Transformer tree")
+  shape = _kernel_shape(mlp["down"]["kernel"])
+  lead, hidden, dtype = shape[:-2], shape[-1], _kernel_dtype(mlp["down"]["kernel"])
+  rank = max(1, hidden // reduction_factor)
+  adapter = ParallelAdapterWeight(
+      down=(init_std * jax.random.normal(rng, (*lead, hidden, rank))).astype(dtype),
+      down_bias=jnp.zeros((*lead, rank), dtype), up=jnp.zeros((*lead, rank, hidden), dtype),
+      up_bias=jnp.zeros((*lead, hidden), dtype), scale=scale, activation=activation)
+  return {**params, "layers": {**params["layers"], "mlp": {**mlp, "parallel": adapter}}}
 
 
 def add_ia3(params: dict, targets: dict[str, str] | None = None) -> dict:
@@ -228,7 +263,7 @@ def add_ia3(params: dict, targets: dict[str, str] | None = None) -> dict:
 
 
 def _is_wrapper(x) -> bool:
-  return isinstance(x, (AdapterWeight, Ia3Weight))
+  return isinstance(x, (AdapterWeight, Ia3Weight, ParallelAdapterWeight))
 
 
 def merge_ia3(params: dict) -> dict:
@@ -293,26 +328,46 @@ def shardings_like(params: dict, base_sh: Any) -> Any:
   def like(leaf, sh):
     if not _is_wrapper(leaf):
       return sh
+    if isinstance(leaf, ParallelAdapterWeight):  # sh: mlp/down's, whose output is `hidden`
+      mesh, spec = kernel_spec(sh)
+      spec = spec + (None,) * (leaf.down.ndim - len(spec))
+      lead, hid = spec[:-2], spec[-1]
+      return dataclasses.replace(
+          leaf, down=fit(mesh, leaf.down, (*lead, hid, None)),
+          down_bias=fit(mesh, leaf.down_bias, (*lead, None)),
+          up=fit(mesh, leaf.up, (*lead, None, hid)), up_bias=fit(mesh, leaf.up_bias, (*lead, hid)))
     base_tree = like(leaf.base, sh) if _is_wrapper(leaf.base) else sh
     mesh, spec = kernel_spec(sh)
     ndim = len(_kernel_shape(leaf.base))
     spec = spec + (None,) * (ndim - len(spec))
     lead, in_ax, out_ax = spec[:-2], spec[-2], spec[-1]
 
-    def fit(a, axes):
-      size = lambda ax: 1 if ax is None else int(np.prod(  # noqa: E731
-          [mesh.shape[n] for n in ((ax,) if isinstance(ax, str) else ax)]))
-      return NamedSharding(mesh, PartitionSpec(
-          *[ax if d % size(ax) == 0 else None for ax, d in zip(axes, a.shape)]))
-
     if isinstance(leaf, Ia3Weight):
       vec_ax = in_ax if leaf.on == "in" else out_ax
       return dataclasses.replace(leaf, base=base_tree,
-                                 base_bias=fit(leaf.base_bias, (*lead, out_ax)),
-                                 scale_vector=fit(leaf.scale_vector, (*lead, vec_ax)))
+                                 base_bias=fit(mesh, leaf.base_bias, (*lead, out_ax)),
+                                 scale_vector=fit(mesh, leaf.scale_vector, (*lead, vec_ax)))
     return dataclasses.replace(
-        leaf, base=base_tree, base_bias=fit(leaf.base_bias, (*lead, out_ax)),
-        down=fit(leaf.down, (*lead, out_ax, None)), down_bias=fit(leaf.down_bias, (*lead, None)),
-        up=fit(leaf.up, (*lead, None, out_ax)), up_bias=fit(leaf.up_bias, (*lead, out_ax)))
+        leaf, base=base_tree, base_bias=fit(mesh, leaf.base_bias, (*lead, out_ax)),
+        down=fit(mesh, leaf.down, (*lead, out_ax, None)),
+        down_bias=fit(mesh, leaf.down_bias, (*lead, None)),
+        up=fit(mesh, leaf.up, (*lead, None, out_ax)),
+        up_bias=fit(mesh, leaf.up_bias, (*lead, out_ax)))
 
+  mlp = params.get("layers", {}).get("mlp", {})
+  if "parallel" in mlp and "parallel" not in base_sh["layers"]["mlp"]:
+    # The parallel adapter has no kernel of its own in the plain tree; it writes the MLP's
+    # output, so it takes the down-projection's sharding as its template.
+    sh_mlp = base_sh["layers"]["mlp"]
+    down_sh = sh_mlp["down"]["kernel"]
+    down_sh = down_sh if isinstance(down_sh, NamedSharding) else jax.tree.leaves(down_sh)[0]
+    base_sh = {**base_sh, "layers": {**base_sh["layers"], "mlp": {**sh_mlp, "parallel": down_sh}}}
   return jax.tree.map(like, params, base_sh, is_leaf=_is_wrapper)
+
+
+def fit(mesh, a, axes) -> NamedSharding:
+  """NamedSharding of `a` over `axes`, replicating any dim the mesh axes do not divide."""
+  size = lambda ax: 1 if ax is None else int(np.prod(  # noqa: E731
+      [mesh.shape[n] for n in ((ax,) if isinstance(ax, str) else ax)]))
+  return NamedSharding(mesh, PartitionSpec(
+      *[ax if d % size(ax) == 0 else None for ax, d in zip(axes, a.shape)]))
