@@ -2,7 +2,7 @@
 adapter_model.safetensors), so adapters move both ways between jrlhf and PEFT.
 
     params = load_peft_adapter("some/adapter", params)          # PEFT-trained -> LoraWeight leaves
-    save_peft_adapter("out/adapter", model, params, "meta-llama/Llama-3.2-1B")
+    save_peft_adapter("out/adapter", params, base_model_name_or_path="meta-llama/Llama-3.2-1B")
     # PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(...), "out/adapter")
 
 Keys are `base_model.model.<HF module>.lora_A.weight` (R, in) and `...lora_B.weight` (out, R);
@@ -67,8 +67,11 @@ def _peft_pattern(patterns: dict[str, Any], module: str, default):
   return default
 
 
-def save_peft_adapter(directory: str | Path, model, params: Any, base_model_name: str) -> Path:
-  """Write every LoraWeight of `params` as a PEFT LoRA adapter for `base_model_name`."""
+def save_peft_adapter(directory: str | Path, params: Any, base_model_name_or_path: str = "", *,
+                      model=None) -> Path:
+  """Write every LoraWeight of `params` as a PEFT LoRA adapter for `base_model_name_or_path`
+  (recorded in adapter_config.json, as PEFT does). The family and head are read off the tree
+  unless `model` is given."""
   directory = Path(directory)
   projections = _projections(params, model)
   flat = jax.tree_util.tree_flatten_with_path(
@@ -92,11 +95,13 @@ def save_peft_adapter(directory: str | Path, model, params: Any, base_model_name
     rank = a.shape[-1]
     modules[_pattern_key(t)] = (rank, float(w.scale * rank))
   rank, alpha = collections.Counter(modules.values()).most_common(1)[0][0]
+  is_lm = model.head == "lm" if model is not None else "score" not in params
+  is_gpt2 = model.cfg.is_gpt2 if model is not None else "pos_embed" in params
   config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM" if model.head == "lm" else "SEQ_CLS",
-      "base_model_name_or_path": base_model_name, "r": rank, "lora_alpha": alpha,
+      "peft_type": "LORA", "task_type": "CAUSAL_LM" if is_lm else "SEQ_CLS",
+      "base_model_name_or_path": base_model_name_or_path, "r": rank, "lora_alpha": alpha,
       "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none",
-      "use_rslora": False, "use_dora": False, "fan_in_fan_out": model.cfg.is_gpt2,
+      "use_rslora": False, "use_dora": False, "fan_in_fan_out": is_gpt2,
       "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
       "rank_pattern": {k: r for k, (r, _) in modules.items() if r != rank},
       "alpha_pattern": {k: al for k, (_, al) in modules.items() if al != alpha},

@@ -80,7 +80,7 @@ def test_our_adapter_loads_in_peft_with_same_logits(base_dir, tmp_path):
                                                                 w.b.shape), w.scale)
       if isinstance(w, LoraWeight) else w, wrapped, is_leaf=lambda x: isinstance(x, LoraWeight))
   expected = ours_logits(model, wrapped)
-  save_peft_adapter(tmp_path, model, wrapped, str(base_dir))
+  save_peft_adapter(tmp_path, wrapped, base_model_name_or_path=str(base_dir))
 
   config = json.loads((tmp_path / "adapter_config.json").read_text())
   assert config["target_modules"] == ["lm_head", "mlp.gate_proj", "mlp.up_proj",
@@ -114,5 +114,5 @@ def test_partial_layers_and_errors(base_dir, tmp_path):
     load_peft_adapter(tmp_path, dict(params, layers=jax.tree.map(lambda x: x[:1],
                                                                   params["layers"])))
   with pytest.raises(ValueError, match="no LoraWeight"):
-    save_peft_adapter(tmp_path / "x", model, params, "base")
+    save_peft_adapter(tmp_path / "x", params, "base", model=model)
 
