@@ -29,6 +29,7 @@ from jrlhf.algorithms.sft import SFTConfig
 from jrlhf.data.config import DataConfig
 from jrlhf.distributed import DistConfig, storage_path
 from jrlhf.models.config import ModelConfig
+from jrlhf.peft.config import PEFT_METHODS, FullFinetune, PeftConfig, check_export
 from jrlhf.sharding.mesh import MeshConfig
 from jrlhf.train.config import OptimConfig, TrainConfig
 
@@ -95,6 +96,9 @@ class Config:
   train: TrainConfig = _group("train", TrainConfig)
   algorithm: AlgorithmConfig = _group(
       "algorithm", SFTConfig, ALGORITHMS, doc=f"one of: {', '.join(ALGORITHMS)}")
+  peft: PeftConfig = _group(
+      "peft", FullFinetune, PEFT_METHODS,
+      doc=f"one of: {', '.join(PEFT_METHODS)} (none = full fine-tuning)")
   mesh: MeshConfig = _group("mesh", MeshConfig)
   dist: DistConfig = _group("dist", DistConfig)
   steps: int = chz.field(default=1000, doc="optimizer steps")
@@ -103,6 +107,11 @@ class Config:
       default=None, doc=f"default {RUNS_DIR}/<name from experiment + overrides>")
   experiment: str = chz.field(default="", doc="experiments/<NAME>.py supplies the middle layer")
   print_config: bool = chz.field(default=False, doc="print the resolved config and exit")
+
+  @chz.validate
+  def _check_export(self):
+    if self.train.export:
+      check_export(self.peft)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,10 +130,31 @@ def test_config_json_round_trip(tmp_path):
   cfg = resolve("", {"optim.lr": "3e-4", "model.num_layers": "3", "data.packing": "true"})
   config.write_config(cfg, tmp_path / "config.json")
   flat = json.loads((tmp_path / "config.json").read_text())
-  assert flat["optim.lr"] == 3e-4 and flat["algorithm"] == "sft"
+  assert flat["optim.lr"] == 3e-4 and flat["algorithm"] == "sft" and flat["peft"] == "none"
+  chosen_by_name = ("algorithm", "peft")
   assert set(flat) == set(config.key_table()) - {
-      k for k, (_, v) in config.key_table().items() if chz.is_chz(v) and k != "algorithm"}
+      k for k, (_, v) in config.key_table().items() if chz.is_chz(v) and k not in chosen_by_name}
   assert config.load_config(tmp_path / "config.json") == cfg
+
+  lora = resolve("", {"peft": "qlora", "peft.rank": "4", "peft.targets": "attn/q/,attn/v/",
+                      "peft.rank_pattern": "attn/v/:8"})
+  assert lora.peft.spec().targets == ("attn/q/", "attn/v/")
+  assert lora.peft.spec().rank_pattern == {"attn/v/": 8}
+  config.write_config(lora, tmp_path / "lora.json")
+  assert config.load_config(tmp_path / "lora.json") == lora
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"peft": "lora", "peft.rank_pattern": "mlp"}, "REGEX:VALUE"),
+    ({"peft": "lora", "peft.dropout": "1.5"}, "dropout"),
+    ({"peft": "adapter", "peft.kind": "serial"}, "houlsby"),
+    ({"peft": "prompt", "peft.init": "text"}, "init_text"),
+    ({"peft": "prefix", "train.export": "true"}, "cannot be exported"),
+    ({"peft": "lora", "peft.rnak": "4"}, "rank"),
+])
+def test_bad_peft_settings_say_what_to_change(overrides, message):
+  with pytest.raises(config.ConfigError, match=message):
+    resolve("", overrides)
 
 
 def test_describe_lines_are_valid_overrides():

@@ -89,18 +89,18 @@ def logical_to_sharding(logical_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RU
   return jax.tree_util.tree_map_with_path(one, logical_tree, shapes, is_leaf=_is_spec)
 
 
-def _unbox(tree: Any) -> Any:
+def unbox(tree: Any) -> Any:
   """Strips Flax partitioning boxes without the sharding constraint `nn.unbox` adds under a
   mesh: out_shardings already pin the layout (with the divisibility fallback the box knows
   nothing of), and that constraint fails when init runs inside `sharding_context`."""
   def strip(x):
     return x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x.unbox()
-  return meta.map_axis_meta(lambda x: _unbox(strip(x)), tree)
+  return meta.map_axis_meta(lambda x: unbox(strip(x)), tree)
 
 
 def _abstract_shardings(abstract_vars: Any, mesh: Mesh, rules: Rules) -> Any:
   boxed = abstract_vars["params"]
-  return logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules, shapes=_unbox(boxed))
+  return logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules, shapes=unbox(boxed))
 
 
 def param_shardings(model: nn.Module, *init_args, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
@@ -117,7 +117,7 @@ def init_sharded(model: nn.Module, rng, *init_args, mesh: Mesh,
   """(params, shardings): plain param dicts created on the mesh, never whole on one device."""
   abstract = jax.eval_shape(model.init, rng, *init_args)
   shardings = _abstract_shardings(abstract, mesh, rules)
-  init = jax.jit(lambda rng: _unbox(model.init(rng, *init_args)["params"]),
+  init = jax.jit(lambda rng: unbox(model.init(rng, *init_args)["params"]),
                  out_shardings=shardings)
   return init(rng), shardings
 

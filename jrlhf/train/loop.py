@@ -27,6 +27,8 @@ import tqdm
 from jrlhf import data as data_lib
 from jrlhf.algorithms import sft
 from jrlhf.algorithms.step import combine_params, interleave_micro_batches
+from jrlhf.peft import config as peft_config, quant, trainable as peft_trainable
+from jrlhf.peft.peft_format import save_peft_adapter
 from jrlhf.distributed import storage_path
 from jrlhf.sharding import batch_sharding, make_mesh, put_batch, sharding_context
 from jrlhf.train import checkpoint, evaluate, metrics as metrics_lib
@@ -68,6 +70,7 @@ class RunData:
   fingerprint: str
   generations: Callable[[Any, Any], evaluate.Generations | None]
   vocab_size: int
+  encode: Callable[[str], list[int]] | None = None  # text -> ids, for PEFT init from text
 
 
 def load_run_data(cfg) -> RunData:
@@ -104,7 +107,8 @@ def load_run_data(cfg) -> RunData:
           data=chz.asdict(cfg.data), seed=cfg.seed, grad_accum=cfg.optim.grad_accum,
           examples=len(train_ds)),
       generations=generations,
-      vocab_size=len(tokenizer))
+      vocab_size=len(tokenizer),
+      encode=lambda text: tokenizer.encode(text, add_special_tokens=False))
 
 
 def train(cfg, run_dir: pathlib.Path) -> dict[str, Any]:
@@ -138,7 +142,8 @@ class _Run:
     self.mesh = make_mesh(cfg.mesh)
     self.opt = make_optimizer(cfg.optim, cfg.steps)
     self.model, state, state_sh = create_state(cfg.model, self.opt, self.mesh, seed=cfg.seed,
-                                               init_from=cfg.init_from)
+                                               init_from=cfg.init_from, peft=cfg.peft,
+                                               encode=data.encode)
     self.ckpt_dir = run_dir / "checkpoints"
     if not self.tcfg.resume:
       checkpoint.clear(self.ckpt_dir)
@@ -163,8 +168,12 @@ class _Run:
 
     def traced_step(state, batch):
       self.traces += 1  # runs only while tracing: counts compilations
-      return self.algorithm.train_step(state, batch, model=self.model, cfg=cfg.algorithm,
-                                       opt=self.opt)
+      # PEFT dropout (LoRA's) draws fresh masks each step from keys that exist only inside the
+      # step: the state keeps none, so eval, sampling and export run without dropout.
+      keyed = peft_trainable.with_dropout_keys(state.frozen, jax.random.fold_in(state.rng, 1))
+      new_state, metrics = self.algorithm.train_step(
+          state.replace(frozen=keyed), batch, model=self.model, cfg=cfg.algorithm, opt=self.opt)
+      return new_state.replace(frozen=state.frozen), metrics
 
     batch_sh = batch_sharding(self.mesh)
     self.train_step = jax.jit(traced_step, in_shardings=(state_sh, batch_sh),
@@ -224,6 +233,22 @@ class _Run:
     self.last_eval = {f"eval/{k}": v for k, v in out.items()}
     return self.last_eval
 
+  def export(self, directory: pathlib.Path) -> None:
+    """The final params as the method allows: an HF checkpoint (merged) and/or a PEFT adapter."""
+    params, kinds = _full_params(self.state), self.cfg.peft.export_kinds
+    if "adapter" in kinds:
+      save_peft_adapter(directory / "adapter", params, self.cfg.init_from or "",
+                        model=self.model)
+    if "merged" in kinds:
+      if any(isinstance(x, quant.QuantizedWeight) for x in jax.tree.leaves(
+          params, is_leaf=lambda x: isinstance(x, quant.QuantizedWeight))) and (
+              jax.process_index() == 0):
+        print("[jrlhf] warning: the merged export dequantizes the 4-bit base: its weights are "
+              "the rounded ones the adapter was trained on, not the original 16-bit model; "
+              "export the adapter (peft.export=adapter) to apply it to the original",
+              file=sys.stderr, flush=True)
+      checkpoint.export_hf(directory, self.model, jax.jit(peft_config.merged_params)(params))
+
   def loop(self) -> dict[str, Any]:
     steps, tcfg = self.cfg.steps, self.tcfg
     # In a log file (no terminal) every redraw would be a line: redraw every 30 s there.
@@ -265,7 +290,7 @@ class _Run:
             raise SystemExit(128 + stop.signum)
         self.ckpt.save(self.step, self.state, self.data.fingerprint)
         if tcfg.export:
-          checkpoint.export_hf(self.run_dir / "export", self.model, _full_params(self.state))
+          self.export(self.run_dir / "export")
     finally:
       self.bar.close()
       self.ckpt.close()
@@ -279,5 +304,7 @@ class _Run:
         print(f"[jrlhf] samples:    {self.samples_path}")
       print(f"[jrlhf] checkpoint: {self.ckpt_dir}/{self.step}")
       if self.tcfg.export:
-        print(f"[jrlhf] export:     {self.run_dir / 'export'} (Hugging Face format)")
+        kinds = " + ".join(self.cfg.peft.export_kinds)
+        print(f"[jrlhf] export:     {self.run_dir / 'export'} ({kinds}, Hugging Face / PEFT "
+              f"format)")
     return {"step": self.step, **self.last_train, **self.last_eval, "compiles": self.traces}

@@ -2,6 +2,8 @@
 
   model, state, state_sh = create_state(model_cfg, opt, mesh, seed=0)              # random init
   model, state, state_sh = create_state(model_cfg, opt, mesh, init_from="hf/dir")  # HF weights
+  model, state, state_sh = create_state(model_cfg, opt, mesh, peft=LoraConfig())   # PEFT
+  model, shapes = abstract_state(model_cfg, opt, mesh, peft=QLoraConfig())  # nothing allocated
 
 `trainable` is what the optimizer updates (the full params for full fine-tuning, adapters with
 PEFT); `frozen` is the rest (empty for full fine-tuning; the base model with PEFT, which then
@@ -11,6 +13,8 @@ doubles as the DPO/PPO reference: DESIGN decision 3). Only `trainable`, `opt_sta
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import flax.struct
@@ -20,7 +24,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jrlhf.models import ModelConfig, Transformer, from_pretrained
+from jrlhf.peft.config import FullFinetune
+from jrlhf.peft.trainable import split_trainable
 from jrlhf.sharding import init_sharded, param_shardings
+from jrlhf.sharding.rules import unbox
 from jrlhf.train.optimizer import Optimizer
 
 Array = jax.Array
@@ -74,20 +81,80 @@ def state_shardings(opt: Optimizer, trainable_sh: Any, frozen_sh: Any, trainable
                     step=replicated, rng=replicated)
 
 
-def create_state(model_cfg: ModelConfig, opt: Optimizer, mesh: Mesh, *, seed: int = 0,
-                 init_from: str | None = None) -> tuple[Transformer, TrainState, TrainState]:
-  """(model, state, state shardings) for full fine-tuning, every leaf born sharded."""
-  model, params, params_sh = load_model(model_cfg, init_from, mesh, seed)
-  shapes = jax.eval_shape(lambda p: p, params)
-  state_sh = state_shardings(opt, params_sh, {}, shapes, mesh)
+def _peft_rng(seed: int) -> Array:
+  # Distinct from the init key (seed) and the state's key (seed + 1).
+  return jax.random.PRNGKey(seed + 2)
 
-  def init_rest(params):
-    return opt.tx.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed + 1)
+
+def _split(peft: FullFinetune, tree: Any) -> tuple[Any, Any]:
+  """(trainable, frozen) of a param (or sharding / shape) tree under `peft`."""
+  if peft.full:
+    return tree, {}
+  return split_trainable(tree, peft.train_regex)
+
+
+def apply_peft(peft: FullFinetune, params: Any, params_sh: Any, model_cfg: ModelConfig,
+               mesh: Mesh, seed: int, encode=None) -> tuple[Any, Any]:
+  """(PEFT tree, its shardings): the transform runs under jit, so new leaves (LoRA factors,
+  4-bit codes) are born sharded and the replaced 16-bit kernels are donated."""
+  if peft.full:
+    return params, params_sh
+  transform = functools.partial(peft.transform, rng=_peft_rng(seed), model_cfg=model_cfg,
+                                encode=encode)
+  shapes = jax.eval_shape(transform, params)
+  shardings = peft.shardings(shapes, params_sh, mesh)
+  with warnings.catch_warnings():
+    # 16-bit kernels replaced by 4-bit codes cannot alias an output; donating still frees them.
+    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+    params = jax.jit(transform, out_shardings=shardings, donate_argnums=0)(params)
+  return params, shardings
+
+
+def create_state(model_cfg: ModelConfig, opt: Optimizer, mesh: Mesh, *, seed: int = 0,
+                 init_from: str | None = None, peft: FullFinetune | None = None, encode=None
+                 ) -> tuple[Transformer, TrainState, TrainState]:
+  """(model, state, state shardings), every leaf born sharded. `peft` (a `jrlhf.peft.config`
+  method; None = full fine-tuning) decides the trainable / frozen split; `encode` (text ->
+  token ids) is for methods initialised from text."""
+  peft = peft or FullFinetune()
+  model, params, params_sh = load_model(model_cfg, init_from, mesh, seed)
+  params, params_sh = apply_peft(peft, params, params_sh, model_cfg, mesh, seed, encode)
+  (trainable, frozen), (trainable_sh, frozen_sh) = _split(peft, params), _split(peft, params_sh)
+  shapes = jax.eval_shape(lambda p: p, trainable)
+  state_sh = state_shardings(opt, trainable_sh, frozen_sh, shapes, mesh)
+
+  def init_rest(trainable):
+    return opt.tx.init(trainable), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed + 1)
 
   opt_state, step, rng = jax.jit(
-      init_rest, out_shardings=(state_sh.opt_state, state_sh.step, state_sh.rng))(params)
-  state = TrainState(trainable=params, frozen={}, opt_state=opt_state, step=step, rng=rng)
+      init_rest, out_shardings=(state_sh.opt_state, state_sh.step, state_sh.rng))(trainable)
+  state = TrainState(trainable=trainable, frozen=frozen, opt_state=opt_state, step=step, rng=rng)
   return model, state, state_sh
+
+
+def abstract_state(model_cfg: ModelConfig, opt: Optimizer, mesh: Mesh, *, seed: int = 0,
+                   peft: FullFinetune | None = None) -> tuple[Transformer, TrainState]:
+  """(model, state of ShapeDtypeStructs carrying shardings): what `create_state` would build,
+  from shapes alone (nothing is allocated), for ahead-of-time compiles and memory plans.
+  Prompt initialised from text is planned as random init (same shapes)."""
+  peft = peft or FullFinetune()
+  model = Transformer(model_cfg)
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(seed), _example_tokens())
+  params = unbox(boxed)["params"]
+  params_sh = param_shardings(model, _example_tokens(), mesh=mesh)
+  if not peft.full:
+    params = jax.eval_shape(functools.partial(
+        peft.transform, rng=_peft_rng(seed), model_cfg=model_cfg,
+        encode=lambda text: [0] * max(1, len(text))), params)
+    params_sh = peft.shardings(params, params_sh, mesh)
+  (trainable, frozen), (trainable_sh, frozen_sh) = _split(peft, params), _split(peft, params_sh)
+  state_sh = state_shardings(opt, trainable_sh, frozen_sh, trainable, mesh)
+  opt_state = jax.eval_shape(opt.tx.init, trainable)
+  shapes = TrainState(trainable=trainable, frozen=frozen, opt_state=opt_state,
+                      step=jax.ShapeDtypeStruct((), jnp.int32),
+                      rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  with_sh = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
+  return model, jax.tree.map(with_sh, shapes, state_sh)
 
 
 def abstract(tree: Any) -> Any:
