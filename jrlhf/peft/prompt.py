@@ -20,11 +20,15 @@ the real tokens only, so label masks and algorithms do not change.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Sequence
+import os
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jrlhf.models.config import ModelConfig
@@ -138,3 +142,71 @@ def prefix_from_peft_rows(rows_TxW: Array, model_cfg: ModelConfig) -> dict:
   kv_2xLxKxTxDh = jnp.asarray(rows_TxW, jnp.float32).reshape(
       t, c.num_layers, 2, c.num_kv_heads, c.head_dim).transpose(2, 1, 3, 0, 4)
   return {"k": kv_2xLxKxTxDh[0], "v": kv_2xLxKxTxDh[1]}
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's on-disk format: adapter_config.json + adapter_model.safetensors holding one
+# `prompt_embeddings` tensor, (T, D) for PROMPT_TUNING, (T, layers * 2 * K * Dh) for
+# PREFIX_TUNING (PEFT saves the projected prefix too, so a reparameterised one saves flat).
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def save_peft_prompt(directory, params: dict, model_cfg: ModelConfig,
+                     base_model_name_or_path: str | None = None) -> None:
+  """Writes the `prompt` or `prefix` sub-tree where `peft.PeftModel.from_pretrained` reads it."""
+  c = model_cfg
+  common = dict(base_model_name_or_path=base_model_name_or_path, inference_mode=True,
+                num_layers=c.num_layers, num_transformer_submodules=1, task_type="CAUSAL_LM",
+                revision=None, modules_to_save=None, auto_mapping=None)
+  if "prompt" in params:
+    rows_TxW = params["prompt"]["embeddings"]
+    config = dict(common, peft_type="PROMPT_TUNING", token_dim=c.hidden_size,
+                  num_attention_heads=c.num_heads, prompt_tuning_init="RANDOM",
+                  prompt_tuning_init_text=None, tokenizer_name_or_path=None,
+                  tokenizer_kwargs=None)
+  elif "prefix" in params:
+    if "gate" in params["prefix"]:
+      raise ValueError("a gated (zero_init) prefix has no PEFT equivalent: PEFT attends to the "
+                       "prefix in one joint softmax, without a gate")
+    rows_TxW = peft_prefix_rows(params, c)
+    kv = c.num_kv_heads * c.head_dim
+    config = dict(common, peft_type="PREFIX_TUNING", token_dim=kv,
+                  num_attention_heads=c.num_kv_heads, encoder_hidden_size=kv,
+                  prefix_projection=False, init_weights=None)
+  else:
+    raise ValueError("params hold neither a `prompt` nor a `prefix` sub-tree")
+  config["num_virtual_tokens"] = int(rows_TxW.shape[0])
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  safetensors.numpy.save_file(
+      {"prompt_embeddings": np.asarray(rows_TxW, np.float32)},
+      os.path.join(directory, WEIGHTS_FILE))
+
+
+def load_peft_prompt(directory, params: dict, model_cfg: ModelConfig) -> dict:
+  """A copy of `params` with the `prompt` or `prefix` of a PEFT PROMPT_TUNING / PREFIX_TUNING
+  adapter directory (one trained with peft, or written by `save_peft_prompt`)."""
+  with open(os.path.join(directory, CONFIG_FILE)) as f:
+    config = json.load(f)
+  weights = safetensors.numpy.load_file(os.path.join(directory, WEIGHTS_FILE))
+  rows_TxW = weights["prompt_embeddings"]
+  c, kind = model_cfg, config.get("peft_type")
+  widths = {"PROMPT_TUNING": c.hidden_size,
+            "PREFIX_TUNING": c.num_layers * 2 * c.num_kv_heads * c.head_dim}
+  if kind not in widths:
+    raise ValueError(f"{directory}: peft_type {kind!r} is not PROMPT_TUNING or PREFIX_TUNING")
+  if rows_TxW.ndim != 2 or rows_TxW.shape[1] != widths[kind]:
+    raise ValueError(
+        f"{directory}: prompt_embeddings has shape {rows_TxW.shape}, but a {kind} adapter for "
+        f"this model ({c.num_layers} layers, hidden {c.hidden_size}, {c.num_kv_heads} kv heads "
+        f"x {c.head_dim}) needs (num_virtual_tokens, {widths[kind]}); was it trained for "
+        f"another base model?")
+  out = {k: v for k, v in params.items() if k not in ("prompt", "prefix")}
+  if kind == "PROMPT_TUNING":
+    out["prompt"] = {"embeddings": jnp.asarray(rows_TxW, jnp.float32)}
+  else:
+    out["prefix"] = prefix_from_peft_rows(rows_TxW, c)
+  return out
