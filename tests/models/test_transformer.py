@@ -189,20 +189,16 @@ def test_prompt_tuning_equals_virtual_tokens_in_the_input(cfg):
       model.apply({"params": tuned}, jnp.zeros((1, cfg.max_position_embeddings), jnp.int32))
 
 
-@pytest.mark.parametrize("kind", ["prompt", "gated-prefix"])
-def test_cache_decode_with_a_prefix_equals_full_forward(kind):
+def test_cache_decode_with_a_gated_prefix_equals_full_forward():
   # A sliding window shorter than the prefix: the window must never hide the prefix, in the
-  # full pass (prefix keys) as in decoding (prefix in cache slots 0..T-1).
+  # full pass (prefix keys) as in decoding (prefix in cache slots 0..T-1, gated there too).
+  # The sampler's tests cover the unstacked layout and prompt tuning.
   from jrlhf.peft import prompt
   cfg = chz.replace(CFG, sliding_window=3, attention_chunk=4)
   model, params = init(cfg)
-  rng = jax.random.key(1)
-  if kind == "prompt":
-    params = prompt.add_prompt(params, rng, cfg, VIRTUAL, init="vocab")
-  else:
-    params = prompt.add_prefix(params, rng, cfg, VIRTUAL, zero_init=True)
-    params["prefix"]["gate"] = jnp.linspace(-1, 1, cfg.num_layers * cfg.num_heads).reshape(
-        cfg.num_layers, cfg.num_heads)
+  params = prompt.add_prefix(params, jax.random.key(1), cfg, VIRTUAL, zero_init=True)
+  params["prefix"]["gate"] = jnp.linspace(-1, 1, cfg.num_layers * cfg.num_heads).reshape(
+      cfg.num_layers, cfg.num_heads)
   x = tokens(length=9)
   full = model.apply({"params": params}, x)
   prefix = model.apply({"params": params}, method=Transformer.prefix_kv)
