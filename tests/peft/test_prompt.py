@@ -244,4 +244,5 @@ def test_peft_format_round_trip(kind, tmp_root, tmp_path):
   loaded = prompt.load_peft_prompt(tmp_path / "theirs", params, model.cfg)
   chex.assert_trees_all_close(loaded[kind], params[kind], atol=1e-6)
   with pytest.raises(ValueError, match="another base model"):
-    prompt.load_peft_prompt(tmp_path / "ours", params, chz.replace(model.cfg, hidden_size=32, num_layers=3))
+    other = chz.replace(model.cfg, hidden_size=32, num_layers=3)
+    prompt.load_peft_prompt(tmp_path / "ours", params, other)
