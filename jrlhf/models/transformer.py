@@ -296,8 +296,12 @@ class Transformer(nn.Module):
     return 0
 
   def _tuned_params(self):
-    get = lambda name: (self.get_variable("params", name)  # noqa: E731
-                        if self.has_variable("params", name) else None)
+    def get(name):
+      tree = self.get_variable("params", name) if self.has_variable("params", name) else None
+      # The frozen half of a split tree keeps the sub-tree with None leaves: that is the base
+      # model (the DPO/PPO reference), so it counts as absent.
+      return tree if jax.tree.leaves(tree) else None
+
     prompt, prefix = get("prompt"), get("prefix")
     if prompt is not None and prefix is not None:
       raise ValueError("params hold both a `prompt` and a `prefix` sub-tree; use one of prompt "

@@ -171,6 +171,8 @@ def test_gradients_reach_only_the_prompt_or_prefix(kind):
     logits_BxLxV = apply(combine(t, frozen), x)
     return -jnp.mean(jax.nn.log_softmax(logits_BxLxV)[..., 0])
 
+  if kind == "prompt":  # the frozen half alone is the base model: the DPO/PPO reference
+    np.testing.assert_array_equal(apply(frozen, x), apply(init_ours()[1], x))
   grads = jax.grad(loss)(trainable)
   norms = {jax.tree_util.keystr(path): float(jnp.abs(g).max()) for path, g in
            jax.tree_util.tree_leaves_with_path(grads[name])}
