@@ -6,6 +6,7 @@ Tensor names carry their shapes with these letters (einsum strings use the same 
   D model dim     H query heads                    K key/value heads      G query heads per kv head
   Dh head dim     F MLP dim                        V vocabulary           R rank (PEFT)
   N new (sampled) tokens                           P prompt length
+  T virtual tokens (prompt / prefix tuning)
 
 `x_BxLxD` is a float array of shape (B, L, D); `mask_BxL` is a bool array of shape (B, L).
 """

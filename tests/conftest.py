@@ -3,8 +3,12 @@
 import os
 
 # Must happen before JAX is imported anywhere.
+# The concurrency-optimized scheduler of XLA:CPU can order independent collectives differently
+# on different fake devices; on a 2-core machine their threads then wait on each other until
+# the rendezvous times out (seen: a prompt-tuned train step on a (1, 2, 4) mesh aborts).
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -149,7 +149,8 @@ def test_config_json_round_trip(tmp_path):
     ({"peft": "lora", "peft.dropout": "1.5"}, "dropout"),
     ({"peft": "adapter", "peft.kind": "serial"}, "houlsby"),
     ({"peft": "prompt", "peft.init": "text"}, "init_text"),
-    ({"peft": "prefix", "train.export": "true"}, "cannot be exported"),
+    ({"peft": "prefix", "peft.zero_init": "true", "train.export": "true"}, "cannot be exported"),
+    ({"peft": "adapter", "train.export": "true"}, "cannot be exported"),
     ({"peft": "lora", "peft.rnak": "4"}, "rank"),
 ])
 def test_bad_peft_settings_say_what_to_change(overrides, message):

@@ -21,8 +21,9 @@ from typing import Any, Callable
 import chz
 import jax
 
-from jrlhf.peft import adapters, lora, quant
+from jrlhf.peft import adapters, lora, peft_format, quant
 from jrlhf.peft.spec import ALL_LINEAR, LoraSpec
+from jrlhf.peft.trainable import VIRTUAL_TOKEN_SUBTREES
 
 Encode = Callable[[str], list[int]]
 
@@ -48,6 +49,10 @@ class FullFinetune:
 
   def shardings(self, wrapped: Any, params_sh: Any, mesh) -> Any:
     return params_sh
+
+  def save_adapter(self, directory, params: Any, model, base_model_name_or_path: str) -> None:
+    """The trained weights alone, in the peft library's format (for "adapter" in export_kinds)."""
+    raise ValueError(f"peft={name_of(self)} has no adapter format")
 
 
 def _patterns(entries: tuple[str, ...], cast, key: str) -> dict[str, Any]:
@@ -106,6 +111,9 @@ class LoraConfig(FullFinetune):
 
   def transform(self, params, rng, model_cfg, encode=None):
     return lora.wrap(params, self.spec(), rng)
+
+  def save_adapter(self, directory, params, model, base_model_name_or_path):
+    peft_format.save_peft_adapter(directory, params, base_model_name_or_path, model=model)
 
   def shardings(self, wrapped, params_sh, mesh):
     return lora.shardings_like(wrapped, params_sh)
@@ -216,10 +224,16 @@ class _VirtualTokens(FullFinetune):
 
   @property
   def export_kinds(self) -> tuple[str, ...]:
-    return ()
+    return ("adapter",)  # PEFT's PROMPT_TUNING / PREFIX_TUNING format; no merged model
 
   def shardings(self, wrapped, params_sh, mesh):
     return _prompt().shardings_like(wrapped, params_sh, mesh)
+
+  def save_adapter(self, directory, params, model, base_model_name_or_path):
+    # The virtual-token sub-trees are replicated: every process holds them whole.
+    virtual = {k: jax.device_get(params[k]) for k in VIRTUAL_TOKEN_SUBTREES if k in params}
+    if jax.process_index() == 0:
+      _prompt().save_peft_prompt(directory, virtual, model.cfg, base_model_name_or_path or None)
 
 
 @chz.chz
@@ -254,11 +268,17 @@ class PromptConfig(_VirtualTokens):
 class PrefixConfig(_VirtualTokens):
   """peft=prefix: trainable key/value prefixes of N slots in every layer (prefix tuning /
   P-tuning v2). projection: reparameterise through Embedding -> Linear -> tanh -> Linear of
-  width encoder_hidden_size (0 = hidden size); zero_init: start exactly as the base model."""
+  width encoder_hidden_size (0 = PEFT's default, kv heads x head dim); zero_init: start exactly
+  as the base model, through a zero-initialised per-layer gate on the prefix's attention (a
+  zero prefix is not a no-op under softmax); gated prefixes have no PEFT-format export."""
 
   projection: bool = False
   encoder_hidden_size: int = 0
   zero_init: bool = False
+
+  @property
+  def export_kinds(self) -> tuple[str, ...]:
+    return () if self.zero_init else ("adapter",)
 
   def transform(self, params, rng, model_cfg, encode=None):
     return _prompt().add_prefix(params, rng, model_cfg, self.num_virtual_tokens,
@@ -306,7 +326,8 @@ def check_export(cfg: FullFinetune) -> None:
   not after training."""
   if not cfg.export_kinds:
     raise ValueError(
-        f"train.export=true, but peft={name_of(cfg)} cannot be exported to Hugging Face format "
-        f"(its weights are not mergeable and the peft library has no such adapter); the trained "
-        f"weights stay in the run's orbax checkpoints. Set train.export=false")
+        f"train.export=true, but peft={name_of(cfg)} (as configured) cannot be exported to "
+        f"Hugging Face format (its weights are not mergeable and the peft library has no such "
+        f"adapter); the trained weights stay in the run's orbax checkpoints. Set "
+        f"train.export=false")
 

@@ -25,6 +25,8 @@ from jrlhf.models import layers
 from jrlhf.peft import spec as spec_lib
 
 Array = jax.Array
+# Top-level sub-trees the model reads as virtual tokens (prompt tuning) or per-layer KV prefixes.
+VIRTUAL_TOKEN_SUBTREES = ("prompt", "prefix")
 
 
 def _is_peft(x) -> bool:
@@ -105,3 +107,27 @@ def with_dropout_keys(tree: Any, rng: Array) -> Any:
     return dataclasses.replace(leaf, dropout_key=keys)
 
   return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_peft)
+
+
+def base_params(params: Any) -> Any:
+  """The base model inside a PEFT tree, sharing its arrays (no copy): every wrapper leaf becomes
+  its `base` (a 4-bit base stays 4-bit), added leaves (a parallel adapter) and sub-trees (prompt,
+  prefix) are dropped. With PEFT this is the reference model for DPO / PPO KL (DESIGN 3)."""
+  def strip(x):
+    while _is_peft(x) and "base" in _data_fields(x):
+      x = x.base
+    return x
+
+  def walk(tree: dict) -> dict:
+    out = {}
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        out[key] = walk(value)
+      elif _is_peft(value) and "base" not in _data_fields(value) and (
+          set(_trainable_fields(value)) == set(_data_fields(value))):
+        continue  # a leaf that only adds (parallel adapter): the base has nothing there
+      else:
+        out[key] = strip(value)
+    return out
+
+  return {k: v for k, v in walk(params).items() if k not in VIRTUAL_TOKEN_SUBTREES}

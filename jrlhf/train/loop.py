@@ -28,7 +28,6 @@ from jrlhf import data as data_lib
 from jrlhf.algorithms import sft
 from jrlhf.algorithms.step import combine_params, interleave_micro_batches
 from jrlhf.peft import config as peft_config, quant, trainable as peft_trainable
-from jrlhf.peft.peft_format import save_peft_adapter
 from jrlhf.distributed import storage_path
 from jrlhf.sharding import batch_sharding, make_mesh, put_batch, sharding_context
 from jrlhf.train import checkpoint, evaluate, metrics as metrics_lib
@@ -237,8 +236,8 @@ class _Run:
     """The final params as the method allows: an HF checkpoint (merged) and/or a PEFT adapter."""
     params, kinds = _full_params(self.state), self.cfg.peft.export_kinds
     if "adapter" in kinds:
-      save_peft_adapter(directory / "adapter", params, self.cfg.init_from or "",
-                        model=self.model)
+      self.cfg.peft.save_adapter(directory / "adapter", params, self.model,
+                                 self.cfg.init_from or "")
     if "merged" in kinds:
       if any(isinstance(x, quant.QuantizedWeight) for x in jax.tree.leaves(
           params, is_leaf=lambda x: isinstance(x, quant.QuantizedWeight))) and (
