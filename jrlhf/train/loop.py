@@ -120,6 +120,34 @@ def run(cfg, run_dir: pathlib.Path, data: RunData) -> dict[str, Any]:
   return _Run(cfg, storage_path(run_dir), data).loop()
 
 
+def algorithm_for(algorithm_cfg) -> Algorithm:
+  algorithm = ALGORITHMS.get(type(algorithm_cfg))
+  if algorithm is None:
+    names = ", ".join(t.__name__ for t in ALGORITHMS)
+    raise ValueError(f"{type(algorithm_cfg).__name__} is not an offline algorithm this loop "
+                     f"runs (known: {names}); online ones (PPO) have their own loop")
+  return algorithm
+
+
+def jit_train_step(algorithm: Algorithm, model, algorithm_cfg, opt, state_sh, mesh,
+                   on_trace: Callable[[], None] | None = None):
+  """The loop's train step: jitted with pinned state shardings, the state donated. Also what
+  an ahead-of-time plan compiles (`.lower(abstract state, abstract batch)`)."""
+
+  def traced_step(state, batch):
+    if on_trace is not None:
+      on_trace()  # runs only while tracing: counts compilations
+    # PEFT dropout (LoRA's) draws fresh masks each step from keys that exist only inside the
+    # step: the state keeps none, so eval, sampling and export run without dropout.
+    keyed = peft_trainable.with_dropout_keys(state.frozen, jax.random.fold_in(state.rng, 1))
+    new_state, metrics = algorithm.train_step(
+        state.replace(frozen=keyed), batch, model=model, cfg=algorithm_cfg, opt=opt)
+    return new_state.replace(frozen=state.frozen), metrics
+
+  return jax.jit(traced_step, in_shardings=(state_sh, batch_sharding(mesh)),
+                 out_shardings=(state_sh, None), donate_argnums=0)
+
+
 def _full_params(state) -> Any:
   """The whole param tree (trainable merged with frozen), for sampling and export."""
   return combine_params(state.trainable, state.frozen)
@@ -129,11 +157,7 @@ class _Run:
   """One run's setup and the per-step bookkeeping of `loop`."""
 
   def __init__(self, cfg, run_dir: pathlib.Path, data: RunData):
-    self.algorithm = ALGORITHMS.get(type(cfg.algorithm))
-    if self.algorithm is None:
-      names = ", ".join(t.__name__ for t in ALGORITHMS)
-      raise ValueError(f"{type(cfg.algorithm).__name__} is not an offline algorithm this loop "
-                       f"runs (known: {names}); online ones (PPO) have their own loop")
+    self.algorithm = algorithm_for(cfg.algorithm)
     if data.vocab_size > cfg.model.vocab_size and cfg.init_from is None:
       raise ValueError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size="
                        f"{cfg.model.vocab_size}; set model.vocab_size={data.vocab_size} or more")
@@ -165,18 +189,9 @@ class _Run:
         self.samples_path.unlink(missing_ok=True)
     self.traces = 0
 
-    def traced_step(state, batch):
-      self.traces += 1  # runs only while tracing: counts compilations
-      # PEFT dropout (LoRA's) draws fresh masks each step from keys that exist only inside the
-      # step: the state keeps none, so eval, sampling and export run without dropout.
-      keyed = peft_trainable.with_dropout_keys(state.frozen, jax.random.fold_in(state.rng, 1))
-      new_state, metrics = self.algorithm.train_step(
-          state.replace(frozen=keyed), batch, model=self.model, cfg=cfg.algorithm, opt=self.opt)
-      return new_state.replace(frozen=state.frozen), metrics
-
+    self.train_step = jit_train_step(self.algorithm, self.model, cfg.algorithm, self.opt,
+                                     state_sh, self.mesh, on_trace=self._count_trace)
     batch_sh = batch_sharding(self.mesh)
-    self.train_step = jax.jit(traced_step, in_shardings=(state_sh, batch_sh),
-                              out_shardings=(state_sh, None), donate_argnums=0)
     self.eval_step = jax.jit(
         functools.partial(self.algorithm.eval_step, model=self.model, cfg=cfg.algorithm),
         in_shardings=(state_sh, batch_sh))
@@ -185,6 +200,9 @@ class _Run:
     self.last_eval: dict[str, Any] = {}
     # Throughput since the last logged row (the first window includes compilation).
     self.window_start, self.window_tokens = time.perf_counter(), 0
+
+  def _count_trace(self):
+    self.traces += 1
 
   def host_batch(self, step: int) -> dict[str, np.ndarray]:
     accum = self.opt.grad_accum
