@@ -26,11 +26,31 @@ Array = jax.Array
 SumLossFn = Callable[[Any, dict[str, Array]], tuple[Array, dict[str, Array]]]
 
 
+# Under full fine-tuning, an algorithm that needs a reference model (DPO) keeps a frozen copy of
+# the initial params here: `frozen = {REFERENCE: params}`. Not a param name of any model.
+REFERENCE = "reference"
+
+
 def combine_params(trainable: Any, frozen: Any) -> Any:
   """The model's full param tree from the two halves of the state (DESIGN decision 3): for full
-  fine-tuning `frozen` is empty and this is `trainable`; with PEFT it is
-  `jrlhf.peft.combine` (adapter weights back inside their leaves, over the frozen base)."""
+  fine-tuning `frozen` is empty (or holds only the reference copy) and this is `trainable`; with
+  PEFT it is `jrlhf.peft.combine` (adapter weights back inside their leaves, over the frozen
+  base)."""
+  if isinstance(frozen, dict) and REFERENCE in frozen:
+    frozen = {k: v for k, v in frozen.items() if k != REFERENCE}
   return peft_trainable.combine(trainable, frozen)
+
+
+def reference_params(trainable: Any, frozen: Any) -> Any:
+  """The reference model's params: the frozen copy under full fine-tuning, else the base model
+  inside the PEFT tree (every method stripped; shares the frozen arrays, no copy)."""
+  if isinstance(frozen, dict) and REFERENCE in frozen:
+    return frozen[REFERENCE]
+  if not jax.tree.leaves(frozen):
+    # Full fine-tuning without a copy: the "reference" would be the moving policy itself.
+    raise ValueError("full fine-tuning has no frozen reference model; build the state with "
+                     "create_state(..., reference=True) (the loop does for DPO)")
+  return peft_trainable.base_params(combine_params(trainable, frozen))
 
 
 def interleave_micro_batches(micro_batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -40,6 +60,8 @@ def interleave_micro_batches(micro_batches: list[dict[str, np.ndarray]]) -> dict
   length = max(mb["tokens"].shape[1] for mb in micro_batches)
 
   def pad(x):
+    if x.ndim < 2:  # per-row columns (DPO's precomputed `ref_logps`) have no length axis
+      return x
     return np.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
   keys = micro_batches[0].keys()
