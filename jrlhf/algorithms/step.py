@@ -79,9 +79,16 @@ def split_micro_batches(batch: dict[str, Array], num_micro: int) -> dict[str, Ar
   return jax.tree.map(split, batch)
 
 
+# Aux entries are sums, except `min_*` / `max_*` ones (a reward model's extremes), which combine
+# over micro-batches by min / max.
+_AUX_MERGE = {"min": jnp.minimum, "max": jnp.maximum}
+_AUX_START = {"min": jnp.inf, "max": -jnp.inf}
+
+
 def accumulate_gradients(loss_fn: SumLossFn, trainable: Any, batch: dict[str, Array],
                          num_micro: int) -> tuple[Any, Array, dict[str, Array]]:
-  """(sum of gradients, sum of losses, sums of aux) over the micro-batches of one window.
+  """(sum of gradients, sum of losses, sums of aux) over the micro-batches of one window; `aux`
+  is a flat dict of scalars.
 
   Gradients of *sums* are added up; the caller divides by the window's total count, so
   `sum_i loss_sum_i / sum_i n_i` is exactly the full-batch loss (a mean of per-micro-batch
@@ -96,11 +103,15 @@ def accumulate_gradients(loss_fn: SumLossFn, trainable: Any, batch: dict[str, Ar
 
   def body(carry, micro_batch):
     (loss_sum, aux), grads = grad_fn(trainable, micro_batch)
-    return jax.tree.map(jnp.add, carry, (grads, loss_sum, aux)), None
+    grads_acc, loss_acc, aux_acc = carry
+    merged = {k: _AUX_MERGE.get(k.split("_", 1)[0], jnp.add)(aux_acc[k], v)
+              for k, v in aux.items()}
+    return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum, merged), None
 
   first = jax.tree.map(lambda x: x[0], micro)
-  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(trainable, first)))
-  (loss0, aux0), grads0 = zeros
+  (loss0, aux0), grads0 = jax.tree.map(jnp.zeros_like,
+                                       jax.eval_shape(lambda: grad_fn(trainable, first)))
+  aux0 = {k: jnp.full_like(v, _AUX_START.get(k.split("_", 1)[0], 0.0)) for k, v in aux0.items()}
   (grads, loss_sum, aux), _ = jax.lax.scan(body, (grads0, loss0, aux0), micro)
   return grads, loss_sum, aux
 
