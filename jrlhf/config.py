@@ -40,10 +40,10 @@ AlgorithmConfig = SFTConfig
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 RUNS_DIR = "runs"
 # Keys that say where or how to run, not what to train: they never enter a run's name.
-NOT_IN_NAME = ("experiment", "run_dir", "print_config", "dist.enable", "dist.coordinator",
+NOT_IN_NAME = ("experiment", "run_dir", "print_config", "plan", "dist.enable", "dist.coordinator",
                "dist.num_processes", "dist.process_id")
 # Keys an experiment file may not set: they are about the invocation, not the experiment.
-NOT_IN_EXPERIMENT = ("experiment", "print_config")
+NOT_IN_EXPERIMENT = ("experiment", "print_config", "plan")
 MAX_NAME = 100
 
 
@@ -107,6 +107,9 @@ class Config:
       default=None, doc=f"default {RUNS_DIR}/<name from experiment + overrides>")
   experiment: str = chz.field(default="", doc="experiments/<NAME>.py supplies the middle layer")
   print_config: bool = chz.field(default=False, doc="print the resolved config and exit")
+  plan: str | None = chz.field(
+      default=None, doc="compile ahead of time for a target and report memory and FLOPs, no run: "
+      "a TPU topology (v5p:2x2x1), cpu, or gpu:16GB (see jrlhf.plan)")
 
   @chz.validate
   def _check_export(self):

@@ -3,6 +3,7 @@
     python -m jrlhf.run experiment=tiny/sft                      # runs/tiny-sft
     python -m jrlhf.run experiment=tiny/sft optim.lr=1e-3 steps=50
     python -m jrlhf.run experiment=tiny/sft print_config=true    # resolved config, then exit
+    python -m jrlhf.run experiment=tiny/sft plan=v5p:2x2x1       # will it fit? (jrlhf.plan)
     python -m jrlhf.run experiment=tiny/sft --help               # every key, type and value
     python -m jrlhf.run -m experiment=tiny/sft optim.lr=1e-3,3e-4 seed=0,1 -j 2   # a sweep
     python -m jrlhf.run experiment=tiny/sft dist.coordinator=host0:8476 \
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None, train_fns: Mapping[type, Trainer] | None
     print(config.describe(cfg))
     print(f"# run dir: {run_dir}")
     return 0
+  if cfg.plan:
+    from jrlhf import plan  # noqa: PLC0415 - see trainers()
+
+    return plan.main(cfg)  # compiles only: no run dir, no distributed setup
 
   fns = trainers() if train_fns is None else train_fns
   fn = fns.get(type(cfg.algorithm))
