@@ -6,8 +6,9 @@
   model, shapes = abstract_state(model_cfg, opt, mesh, peft=QLoraConfig())  # nothing allocated
 
 `trainable` is what the optimizer updates (the full params for full fine-tuning, adapters with
-PEFT); `frozen` is the rest (empty for full fine-tuning; the base model with PEFT, which then
-doubles as the DPO/PPO reference: DESIGN decision 3). Only `trainable`, `opt_state`, `step` and
+PEFT); `frozen` is the rest (empty for full fine-tuning, or `{"reference": copy}` when the
+algorithm needs a reference model; the base model with PEFT, which then doubles as the DPO/PPO
+reference: DESIGN decision 3). Only `trainable`, `opt_state`, `step` and
 `rng` are checkpointed: `frozen` is rebuilt from `init_from` / the seed.
 """
 
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jrlhf.algorithms.step import REFERENCE
 from jrlhf.models import ModelConfig, Transformer, from_pretrained
 from jrlhf.peft.config import FullFinetune
 from jrlhf.peft.trainable import split_trainable
@@ -34,6 +36,8 @@ Array = jax.Array
 
 # Fields of ModelConfig that describe how to run a model rather than what it is; with
 # `init_from` they come from the run's config, everything else from the checkpoint.
+# The reward model's score head: trainable under every PEFT method (see `_split`).
+SCORE_REGEX = r"^score/"
 RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_unroll", "attention_chunk")
 
 
@@ -55,18 +59,34 @@ def _example_tokens():
   return jnp.zeros((1, 1), jnp.int32)
 
 
-def load_model(model_cfg: ModelConfig, init_from: str | None, mesh: Mesh, seed: int
-               ) -> tuple[Transformer, Any, Any]:
-  """(model, params, param shardings): random init from the seed, or an HF checkpoint."""
+def load_model(model_cfg: ModelConfig, init_from: str | None, mesh: Mesh, seed: int,
+               head: str = "lm") -> tuple[Transformer, Any, Any]:
+  """(model, params, param shardings): random init from the seed, or an HF checkpoint.
+
+  `head="scalar"` (a reward model) from a causal-LM checkpoint (the usual start: the SFT model)
+  drops the LM head and starts a zero score head, so every reward starts at 0.
+  """
   if init_from is None:
-    model = Transformer(model_cfg)
+    model = Transformer(model_cfg, head=head)
     params, shardings = init_sharded(model, jax.random.PRNGKey(seed), _example_tokens(),
                                      mesh=mesh)
     return model, params, shardings
   runtime = {name: getattr(model_cfg, name) for name in RUNTIME_FIELDS}
-  model, params = from_pretrained(
-      init_from, dtype=runtime.pop("param_dtype"), compute_dtype=runtime.pop("dtype"), mesh=mesh,
-      **runtime)
+  load = functools.partial(from_pretrained, init_from, dtype=runtime.pop("param_dtype"),
+                           compute_dtype=runtime.pop("dtype"), mesh=mesh, **runtime)
+  try:
+    model, params = load(head=head)
+  except ValueError:
+    if head != "scalar":
+      raise
+    # Not a *ForSequenceClassification checkpoint: a causal LM whose body the RM starts from.
+    lm, params = load(head="lm")
+    model = Transformer(lm.cfg, head="scalar")
+    params = {k: v for k, v in params.items() if k != "lm_head"}
+    score_sh = param_shardings(model, _example_tokens(), mesh=mesh)["score"]
+    params["score"] = jax.jit(
+        lambda: {"kernel": jnp.zeros((lm.cfg.hidden_size, 1), params["embed"].dtype)},
+        out_shardings=score_sh)()
   return model, params, param_shardings(model, _example_tokens(), mesh=mesh)
 
 
@@ -86,11 +106,20 @@ def _peft_rng(seed: int) -> Array:
   return jax.random.PRNGKey(seed + 2)
 
 
-def _split(peft: FullFinetune, tree: Any) -> tuple[Any, Any]:
-  """(trainable, frozen) of a param (or sharding / shape) tree under `peft`."""
+def _split(peft: FullFinetune, tree: Any, head: str = "lm", reference: bool = False
+           ) -> tuple[Any, Any]:
+  """(trainable, frozen) of a param (or sharding / shape) tree under `peft`.
+
+  A scalar head is new (random or zero), so it trains under every PEFT method. Under full
+  fine-tuning, `reference=True` puts a frozen copy of the params in `frozen[REFERENCE]` (DPO's
+  reference model; under PEFT the frozen base already is one).
+  """
   if peft.full:
-    return tree, {}
-  return split_trainable(tree, peft.train_regex)
+    return tree, ({REFERENCE: tree} if reference else {})
+  regex = peft.train_regex
+  if head == "scalar":
+    regex = SCORE_REGEX if regex is None else f"(?:{regex})|{SCORE_REGEX}"
+  return split_trainable(tree, regex)
 
 
 def apply_peft(peft: FullFinetune, params: Any, params_sh: Any, model_cfg: ModelConfig,
@@ -111,15 +140,22 @@ def apply_peft(peft: FullFinetune, params: Any, params_sh: Any, model_cfg: Model
 
 
 def create_state(model_cfg: ModelConfig, opt: Optimizer, mesh: Mesh, *, seed: int = 0,
-                 init_from: str | None = None, peft: FullFinetune | None = None, encode=None
+                 init_from: str | None = None, peft: FullFinetune | None = None, encode=None,
+                 head: str = "lm", reference: bool = False
                  ) -> tuple[Transformer, TrainState, TrainState]:
   """(model, state, state shardings), every leaf born sharded. `peft` (a `jrlhf.peft.config`
   method; None = full fine-tuning) decides the trainable / frozen split; `encode` (text ->
-  token ids) is for methods initialised from text."""
+  token ids) is for methods initialised from text. `head`: "lm" or "scalar" (reward model);
+  `reference`: keep a frozen reference copy under full fine-tuning (DPO)."""
   peft = peft or FullFinetune()
-  model, params, params_sh = load_model(model_cfg, init_from, mesh, seed)
+  model, params, params_sh = load_model(model_cfg, init_from, mesh, seed, head)
   params, params_sh = apply_peft(peft, params, params_sh, model_cfg, mesh, seed, encode)
-  (trainable, frozen), (trainable_sh, frozen_sh) = _split(peft, params), _split(peft, params_sh)
+  split = functools.partial(_split, peft, head=head, reference=reference)
+  (trainable, frozen), (trainable_sh, frozen_sh) = split(params), split(params_sh)
+  if REFERENCE in frozen:
+    # A copy, not an alias: the step donates `trainable`, which must not free the reference.
+    frozen = {REFERENCE: jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                                 out_shardings=params_sh)(params)}
   shapes = jax.eval_shape(lambda p: p, trainable)
   state_sh = state_shardings(opt, trainable_sh, frozen_sh, shapes, mesh)
 
@@ -133,12 +169,13 @@ def create_state(model_cfg: ModelConfig, opt: Optimizer, mesh: Mesh, *, seed: in
 
 
 def abstract_state(model_cfg: ModelConfig, opt: Optimizer, mesh: Mesh, *, seed: int = 0,
-                   peft: FullFinetune | None = None) -> tuple[Transformer, TrainState]:
+                   peft: FullFinetune | None = None, head: str = "lm", reference: bool = False
+                   ) -> tuple[Transformer, TrainState]:
   """(model, state of ShapeDtypeStructs carrying shardings): what `create_state` would build,
   from shapes alone (nothing is allocated), for ahead-of-time compiles and memory plans.
   Prompt initialised from text is planned as random init (same shapes)."""
   peft = peft or FullFinetune()
-  model = Transformer(model_cfg)
+  model = Transformer(model_cfg, head=head)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(seed), _example_tokens())
   params = unbox(boxed)["params"]
   params_sh = param_shardings(model, _example_tokens(), mesh=mesh)
@@ -147,7 +184,8 @@ def abstract_state(model_cfg: ModelConfig, opt: Optimizer, mesh: Mesh, *, seed: 
         peft.transform, rng=_peft_rng(seed), model_cfg=model_cfg,
         encode=lambda text: [0] * max(1, len(text))), params)
     params_sh = peft.shardings(params, params_sh, mesh)
-  (trainable, frozen), (trainable_sh, frozen_sh) = _split(peft, params), _split(peft, params_sh)
+  split = functools.partial(_split, peft, head=head, reference=reference)
+  (trainable, frozen), (trainable_sh, frozen_sh) = split(params), split(params_sh)
   state_sh = state_shardings(opt, trainable_sh, frozen_sh, trainable, mesh)
   opt_state = jax.eval_shape(opt.tx.init, trainable)
   shapes = TrainState(trainable=trainable, frozen=frozen, opt_state=opt_state,
