@@ -83,6 +83,36 @@ def make_split(seed: int, n_train: int, n_eval: int) -> tuple[list[dict], list[d
   return draw(n_train), eval_rows
 
 
+def corrupt(answer: str, rng: random.Random) -> str:
+  """A near miss that the scorer rejects: two characters swapped, or one replaced by another of
+  its kind (digit for digit, letter for letter), so a policy must get the details right."""
+  chars = list(answer)
+  swappable = [i for i in range(len(chars) - 1) if chars[i] != chars[i + 1]]
+  if swappable and rng.random() < 0.5:
+    i = rng.choice(swappable)
+    chars[i], chars[i + 1] = chars[i + 1], chars[i]
+  else:
+    i = rng.randrange(len(chars))
+    pool = string.digits if chars[i].isdigit() else string.ascii_lowercase
+    chars[i] = rng.choice([c for c in pool if c != chars[i]])
+  return "".join(chars)
+
+
+def preference_pairs(rows: list[dict], seed: int) -> list[dict]:
+  """Chat rows -> {"prompt", "chosen", "rejected"} message lists: the correct answer against a
+  `corrupt`ed one, kept only when the task's scorer tells them apart (1 vs 0)."""
+  rng = random.Random(seed)
+  pairs = []
+  for row in rows:
+    user, assistant = row["messages"]
+    answer = assistant["content"]
+    wrong = corrupt(answer, rng)
+    if score(answer, answer) == 1.0 and score(wrong, answer) == 0.0:
+      pairs.append({"prompt": [user], "chosen": [assistant],
+                    "rejected": [{"role": "assistant", "content": wrong}]})
+  return pairs
+
+
 def score(prediction: str, reference: str) -> float:
   """1.0 when the prediction is the reference, surrounding whitespace aside; else 0.0."""
   return float(prediction.strip() == reference.strip())
