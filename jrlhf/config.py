@@ -25,6 +25,8 @@ from typing import Any, Mapping
 import chz
 from chz.tiepin import CastError, is_subtype_instance, type_repr
 
+from jrlhf.algorithms.dpo import DPOConfig
+from jrlhf.algorithms.rm import RMConfig
 from jrlhf.algorithms.sft import SFTConfig
 from jrlhf.data.config import DataConfig
 from jrlhf.distributed import DistConfig, storage_path
@@ -33,9 +35,9 @@ from jrlhf.peft.config import PEFT_METHODS, FullFinetune, PeftConfig, check_expo
 from jrlhf.sharding.mesh import MeshConfig
 from jrlhf.train.config import OptimConfig, TrainConfig
 
-# `algorithm=NAME` selects the class; RM/DPO/PPO configs join this table (and the union below).
-ALGORITHMS: dict[str, type] = {"sft": SFTConfig}
-AlgorithmConfig = SFTConfig
+# `algorithm=NAME` selects the class; a new algorithm joins this table and the union below.
+ALGORITHMS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}
+AlgorithmConfig = SFTConfig | RMConfig | DPOConfig
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 RUNS_DIR = "runs"
