@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from jrlhf import config, distributed, sweep
+from jrlhf.algorithms.dpo import DPOConfig
+from jrlhf.algorithms.rm import RMConfig
 from jrlhf.algorithms.sft import SFTConfig
 
 USAGE = ("usage: python -m jrlhf.run [experiment=NAME] [key=value ...] [print_config=true]\n"
@@ -46,7 +48,7 @@ def trainers() -> dict[type, Trainer]:
   """
   from jrlhf.train import loop  # noqa: PLC0415
 
-  return {SFTConfig: loop.train}
+  return {SFTConfig: loop.train, RMConfig: loop.train, DPOConfig: loop.train}
 
 
 def parse_argv(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
