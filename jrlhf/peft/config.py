@@ -22,8 +22,8 @@ import chz
 import jax
 
 from jrlhf.peft import adapters, lora, peft_format, quant
-from jrlhf.peft.spec import ALL_LINEAR, LoraSpec
-from jrlhf.peft.trainable import VIRTUAL_TOKEN_SUBTREES
+from jrlhf.peft.spec import ALL_LINEAR, LoraSpec, is_kernel_leaf, path_str
+from jrlhf.peft.trainable import VIRTUAL_TOKEN_SUBTREES, base_params
 
 Encode = Callable[[str], list[int]]
 
@@ -54,6 +54,10 @@ class FullFinetune:
     """The trained weights alone, in the peft library's format (for "adapter" in export_kinds)."""
     raise ValueError(f"peft={name_of(self)} has no adapter format")
 
+  def load_weights(self, params: Any) -> Any:
+    """Replaces freshly initialised method weights with saved ones (after `transform`)."""
+    return params
+
 
 def _patterns(entries: tuple[str, ...], cast, key: str) -> dict[str, Any]:
   out = {}
@@ -76,6 +80,8 @@ class LoraConfig(FullFinetune):
   dropout: on the LoRA branch's input, during training steps only.
   export: with train.export, write the PEFT adapter (export/adapter), the merged model
     (export/), or both.
+  adapter: a peft-format LoRA adapter directory to start from (continue training one made here
+    or with the peft library); peft.targets / rank must select the modules it adapts.
   """
 
   rank: int = 8
@@ -87,6 +93,7 @@ class LoraConfig(FullFinetune):
   init: str = "kaiming"
   dropout: float = 0.0
   export: str = "both"
+  adapter: str = ""
 
   @chz.validate
   def _check(self):
@@ -114,6 +121,35 @@ class LoraConfig(FullFinetune):
 
   def save_adapter(self, directory, params, model, base_model_name_or_path):
     peft_format.save_peft_adapter(directory, params, base_model_name_or_path, model=model)
+
+  def load_weights(self, params):
+    if not self.adapter:
+      return params
+    saved = _kernels(peft_format.load_peft_adapter(self.adapter, base_params(params)))
+    ours = _kernels(params)
+    extra = sorted(p for p, w in saved.items()
+                   if isinstance(w, lora.LoraWeight) and not isinstance(ours[p], lora.LoraWeight))
+    missing = sorted(p for p, w in ours.items()
+                     if isinstance(w, lora.LoraWeight) and not isinstance(saved[p], lora.LoraWeight))
+    if extra or missing:
+      raise ValueError(f"peft.adapter={self.adapter} adapts {extra or 'no other modules'} that "
+                       f"peft.targets does not select, and not {missing or 'nothing missing'}; "
+                       f"set peft.targets to the adapter's modules")
+
+    def put(path, w):
+      if not isinstance(w, lora.LoraWeight):
+        return w
+      s = saved[path]
+      if s.a.shape != w.a.shape or abs(s.scale - w.scale) > 1e-6 * abs(w.scale):
+        raise ValueError(f"peft.adapter={self.adapter}: {path} has rank {s.a.shape[-1]} and "
+                         f"scale {s.scale}, the config gives rank {w.a.shape[-1]} and scale "
+                         f"{w.scale}; set peft.rank / peft.alpha (or the patterns) to match")
+      return dataclasses.replace(
+          w, a=jax.device_put(s.a.astype(w.a.dtype), w.a.sharding),
+          b=jax.device_put(s.b.astype(w.b.dtype), w.b.sharding))
+
+    return jax.tree_util.tree_map_with_path(lambda kp, w: put(path_str(kp), w), params,
+                                            is_leaf=is_kernel_leaf)
 
   def shardings(self, wrapped, params_sh, mesh):
     return lora.shardings_like(wrapped, params_sh)
@@ -307,6 +343,11 @@ PeftConfig = FullFinetune  # every method subclasses it
 
 def name_of(cfg: FullFinetune) -> str:
   return next(n for n, c in PEFT_METHODS.items() if type(cfg) is c)
+
+
+def _kernels(params: Any) -> dict[str, Any]:
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_kernel_leaf)[0]
+  return {path_str(kp): leaf for kp, leaf in flat}
 
 
 def merged_params(params: Any) -> Any:

@@ -87,7 +87,7 @@ def wrap(params: Any, spec: spec_lib.LoraSpec, rng: Array) -> Any:
     b = jnp.zeros((*lead, rank, fan_out), dtype)
     return LoraWeight(leaf, a, b, spec.scale(rank, alpha), spec.dropout)
 
-  return jax.tree_util.tree_map_with_path(one, params, is_leaf=spec_lib._is_kernel_leaf)
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=spec_lib.is_kernel_leaf)
 
 
 def _dense(base: Any) -> Array:

@@ -202,4 +202,4 @@ def load_peft_adapter(adapter_dir: str | Path, params: Any, model=None) -> Any:
     raise ValueError(f"{directory}: the adapter holds no LoRA weights")
   return jax.tree_util.tree_map_with_path(
       lambda kp, x: replaced.get(spec_lib.path_str(kp), x), params,
-      is_leaf=spec_lib._is_kernel_leaf)
+      is_leaf=spec_lib.is_kernel_leaf)

@@ -60,7 +60,7 @@ class LoraSpec:
     return alpha / rank ** 0.5 if self.use_rslora else alpha / rank
 
 
-def _is_kernel_leaf(x) -> bool:
+def is_kernel_leaf(x) -> bool:
   return type(x) in layers.KERNEL_HANDLERS
 
 
@@ -77,7 +77,7 @@ def path_str(key_path) -> str:
 
 def kernel_paths(params: Any) -> list[str]:
   """Every projection kernel in the tree (plain arrays or already-wrapped PEFT leaves)."""
-  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_kernel_leaf)[0]
+  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_kernel_leaf)[0]
   return [p for p in (path_str(kp) for kp, _ in leaves) if p.endswith("/kernel")]
 
 

@@ -136,7 +136,7 @@ def apply_peft(peft: FullFinetune, params: Any, params_sh: Any, model_cfg: Model
     # 16-bit kernels replaced by 4-bit codes cannot alias an output; donating still frees them.
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
     params = jax.jit(transform, out_shardings=shardings, donate_argnums=0)(params)
-  return params, shardings
+  return peft.load_weights(params), shardings
 
 
 def create_state(model_cfg: ModelConfig, opt: Optimizer, mesh: Mesh, *, seed: int = 0,

@@ -16,7 +16,7 @@ from jrlhf.algorithms import sft
 from jrlhf.algorithms.step import combine_params
 from jrlhf.models import ModelConfig, from_pretrained
 from jrlhf.peft import config as peft_config, quant
-from jrlhf.peft.peft_format import load_peft_adapter
+from jrlhf.peft.peft_format import load_peft_adapter, save_peft_adapter
 from jrlhf.peft.trainable import base_params, count, with_dropout_keys
 from jrlhf.sharding import MeshConfig, make_mesh, put_batch, sharding_context
 from jrlhf.train import loop
@@ -164,3 +164,24 @@ def test_lora_run_resumes_exactly_and_exports_adapter_and_merged_model(tmp_path)
                              model.apply({"params": merged}, tokens), atol=1e-4)
   assert not np.allclose(model.apply({"params": base_state.trainable}, tokens),
                          model.apply({"params": merged}, tokens), atol=1e-4)
+
+
+def test_lora_starts_from_a_saved_adapter_and_rejects_a_mismatched_one(tmp_path):
+  model, state, mesh, _ = make("lora")
+  trained = jax.tree.map(lambda x: x + 0.05, state.trainable)
+  params = combine_params(trained, state.frozen)
+  save_peft_adapter(tmp_path / "adapter", params, "base")
+  opt = make_optimizer(OPT, 100)
+  resumed = chz.replace(METHODS["lora"], adapter=str(tmp_path / "adapter"))
+  _, again, _ = create_state(MODEL, opt, mesh, seed=1, peft=resumed)
+  # Same base (seed 0 vs 1 differ in init, so compare against the adapter on this run's base).
+  base = base_params(combine_params(again.trainable, again.frozen))
+  expected = load_peft_adapter(tmp_path / "adapter", base)
+  np.testing.assert_allclose(logits(model, combine_params(again.trainable, again.frozen)),
+                             logits(model, expected), atol=1e-5)
+  assert not np.allclose(logits(model, combine_params(again.trainable, again.frozen)),
+                         logits(model, base), atol=1e-4)
+  with pytest.raises(ValueError, match="peft.rank"):
+    create_state(MODEL, opt, mesh, peft=chz.replace(resumed, rank=8))
+  with pytest.raises(ValueError, match="peft.targets"):
+    create_state(MODEL, opt, mesh, peft=chz.replace(resumed, targets=("attn/q/",)))
