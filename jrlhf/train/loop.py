@@ -1,4 +1,4 @@
-"""The one training loop for offline algorithms (SFT now; RM and DPO plug into `ALGORITHMS`).
+"""The one training loop for offline algorithms (SFT, RM, DPO: the `ALGORITHMS` table).
 
   final = train(cfg, pathlib.Path("runs/my-run"))   # cfg: jrlhf.config.Config
 
@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 
 from jrlhf import data as data_lib
-from jrlhf.algorithms import sft
+from jrlhf.algorithms import dpo, rm, sft
 from jrlhf.algorithms.step import combine_params, interleave_micro_batches
 from jrlhf.peft import config as peft_config, quant, trainable as peft_trainable
 from jrlhf.distributed import storage_path
@@ -41,11 +41,22 @@ class Algorithm(NamedTuple):
   train_step: Callable  # (state, batch, *, model, cfg, opt) -> (state, metrics)
   eval_step: Callable  # (state, batch, *, model, cfg) -> dict of sums
   eval_metrics: Callable  # dict of summed floats -> dict of eval metrics
+  pairs: bool = False  # trains on preference pairs (`jrlhf.data.preference`), not examples
+  head: str = "lm"  # "scalar" for a reward model
+  needs_reference: Callable[[Any], bool] = lambda cfg: False  # a frozen reference model?
+
+
+def _dpo_reference(cfg: dpo.DPOConfig) -> bool:
+  return cfg.needs_reference
 
 
 # Keyed by config type: grep finds every algorithm the loop can run.
 ALGORITHMS: dict[type, Algorithm] = {
     sft.SFTConfig: Algorithm(sft.train_step, sft.eval_step, sft.eval_metrics),
+    rm.RMConfig: Algorithm(rm.train_step, rm.eval_step, rm.eval_metrics, pairs=True,
+                           head="scalar"),
+    dpo.DPOConfig: Algorithm(dpo.train_step, dpo.eval_step, dpo.eval_metrics, pairs=True,
+                             needs_reference=_dpo_reference),
 }
 
 
@@ -73,13 +84,25 @@ class RunData:
 
 
 def load_run_data(cfg) -> RunData:
-  """Tokenizer, datasets, batches and held-out prompts per `cfg.data`."""
+  """Tokenizer, datasets, batches and held-out prompts per `cfg.data` (preference pairs for an
+  algorithm that trains on pairs; the chosen sides' prompts for sampled eval)."""
   tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
-  train_ds, eval_ds, stats = data_lib.load_dataset(cfg.data, tokenizer)
+  algorithm = algorithm_for(cfg.algorithm)
+  if algorithm.pairs:
+    train_ds, eval_pairs, stats = data_lib.load_preference_data(cfg.data, tokenizer)
+    train_batches = data_lib.PreferenceBatches(train_ds, cfg.data, seed=cfg.seed)
+    eval_batches = data_lib.PreferenceBatches(eval_pairs, cfg.data, seed=cfg.seed, shuffle=False)
+    # Sampling needs an LM head: a reward model is judged by its held-out accuracy instead.
+    eval_ds = eval_pairs.chosen if algorithm.head == "lm" else data_lib.TokenizedDataset(
+        [], [], eval_pairs.chosen.pad_id)
+    eval_len = len(eval_pairs)
+  else:
+    train_ds, eval_ds, stats = data_lib.load_dataset(cfg.data, tokenizer)
+    train_batches = data_lib.Batches(train_ds, cfg.data, seed=cfg.seed)
+    eval_batches = data_lib.Batches(eval_ds, cfg.data, seed=cfg.seed, shuffle=False)
+    eval_len = len(eval_ds)
   if jax.process_index() == 0:
     print(stats.summary(), flush=True)
-  train_batches = data_lib.Batches(train_ds, cfg.data, seed=cfg.seed)
-  eval_batches = data_lib.Batches(eval_ds, cfg.data, seed=cfg.seed, shuffle=False)
   rank, ranks = jax.process_index(), jax.process_count()
 
   def generations(model, mesh):
@@ -95,8 +118,8 @@ def load_run_data(cfg) -> RunData:
 
   def local_eval_batches():
     # Each process feeds its own rows of the global batch (as `get` does for training).
-    per = cfg.data.batch_size // ranks
-    for batch in (eval_batches.eval_batches() if len(eval_ds) else ()):
+    for batch in (eval_batches.eval_batches() if eval_len else ()):
+      per = len(batch["tokens"]) // ranks
       yield {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
 
   return RunData(
@@ -164,9 +187,10 @@ class _Run:
     self.cfg, self.tcfg, self.data, self.run_dir = cfg, cfg.train, data, run_dir
     self.mesh = make_mesh(cfg.mesh)
     self.opt = make_optimizer(cfg.optim, cfg.steps)
-    self.model, state, state_sh = create_state(cfg.model, self.opt, self.mesh, seed=cfg.seed,
-                                               init_from=cfg.init_from, peft=cfg.peft,
-                                               encode=data.encode)
+    self.model, state, state_sh = create_state(
+        cfg.model, self.opt, self.mesh, seed=cfg.seed, init_from=cfg.init_from, peft=cfg.peft,
+        encode=data.encode, head=self.algorithm.head,
+        reference=self.algorithm.needs_reference(cfg.algorithm))
     self.ckpt_dir = run_dir / "checkpoints"
     if not self.tcfg.resume:
       checkpoint.clear(self.ckpt_dir)
