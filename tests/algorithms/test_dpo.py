@@ -223,3 +223,29 @@ def test_eval_ignores_empty_filler_pairs():
   assert filled["pairs"] == 3
   for key in ("loss", "rewards/accuracies", "logps/chosen", "entropy"):
     assert filled[key] == pytest.approx(plain[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("peft", ["full", "lora"])
+def test_log2_at_step_0_through_the_train_state(peft):
+  """Full fine-tuning: the frozen copy is the reference; LoRA (B = 0): the base under it."""
+  from jrlhf.models import ModelConfig
+  from jrlhf.peft.config import LoraConfig
+  from jrlhf.sharding import MeshConfig, make_mesh, sharding_context
+  from jrlhf.train.config import OptimConfig
+  from jrlhf.train.optimizer import make_optimizer
+  from jrlhf.train.state import create_state
+
+  cfg = ModelConfig(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                    head_dim=8, mlp_dim=32, max_position_embeddings=16)
+  mesh = make_mesh(MeshConfig())
+  opt = make_optimizer(OptimConfig(lr=1e-2), 2)
+  model, state, _ = create_state(cfg, opt, mesh, reference=True,
+                                 peft=LoraConfig(rank=2) if peft == "lora" else None)
+  if peft == "full":
+    assert set(state.frozen) == {REFERENCE}
+  step = jax.jit(lambda s, b: dpo.train_step(s, b, model=model, cfg=dpo.DPOConfig(), opt=opt))
+  with sharding_context(mesh):
+    state, m0 = step(state, pair_batch(num_pairs=4))
+    _, m1 = step(state, pair_batch(num_pairs=4))
+  assert float(m0["loss"]) == pytest.approx(math.log(2), abs=1e-6)
+  assert float(m1["loss"]) < math.log(2)  # the policy moved, the reference did not
