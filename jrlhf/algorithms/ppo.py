@@ -1,0 +1,151 @@
+"""The math of online RL on sampled responses: PPO (per-token KL reward, GAE, clipped policy and
+value losses) and the group baselines of GRPO and RLOO. Pure functions of arrays; the rollout
+engine and the update loop build on them.
+
+    mask_BxN = response_mask(lengths_B, n)                  # real response tokens (EOS included)
+    kl_BxN = kl_penalty(logp_BxN, ref_logp_BxN, "k1")
+    rewards_BxN = token_rewards(score_B, kl_BxN, mask_BxN, kl_coef)   # score on the last real token
+    adv_BxN, returns_BxN = gae(rewards_BxN, values_BxN, mask_BxN, gamma, lam)
+    adv_BxN = whiten(adv_BxN, mask_BxN)
+    pg, stats = policy_loss(new_logp_BxN, old_logp_BxN, adv_BxN, mask_BxN, clip=0.2)
+
+Shapes: B rollouts, N response columns (the sampler's `max_new_tokens`); everything after a
+row's first stop token is padding and carries no loss (`mask_BxN` False). Formulas and defaults:
+REFERENCE.md "PPO"; metric names are TRL's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jrlhf.algorithms.common import masked_mean
+
+Array = jax.Array
+
+
+def response_mask(lengths_B: Array, n: int) -> Array:
+  """(B, N) True on each row's first `lengths_B` columns: its real tokens, the stop included."""
+  return jnp.arange(n)[None, :] < lengths_B[:, None]
+
+
+def kl_penalty(logp_BxN: Array, ref_logp_BxN: Array, kind: str = "k1") -> Array:
+  """Per-token estimate of KL(policy || reference) from the sampled token's log-probs.
+
+  k1: logp - ref (unbiased, can be negative per token); k3: exp(ref - logp) - 1 - (ref - logp)
+  (unbiased and always >= 0; Schulman's estimator, GRPO's default).
+  """
+  log_ratio_BxN = logp_BxN - ref_logp_BxN
+  if kind == "k1":
+    return log_ratio_BxN
+  if kind == "k3":
+    return jnp.expm1(-log_ratio_BxN) + log_ratio_BxN
+  raise ValueError(f"KL estimator {kind!r} is not one of 'k1', 'k3'")
+
+
+def last_token_index(mask_BxN: Array) -> Array:
+  """Column of each row's last real token (0 for an empty row)."""
+  n = mask_BxN.shape[1]
+  return jnp.maximum(jnp.max(jnp.where(mask_BxN, jnp.arange(n), -1), axis=1), 0)
+
+
+def token_rewards(score_B: Array, kl_BxN: Array, mask_BxN: Array, kl_coef) -> Array:
+  """r_t = -kl_coef * kl_t on real tokens, plus the sequence's score on its last real token
+  (never on a pad: an empty row gets its score at column 0, where the mask keeps it out of the
+  loss anyway)."""
+  rewards_BxN = jnp.where(mask_BxN, -kl_coef * kl_BxN, 0.0)
+  last_B = last_token_index(mask_BxN)
+  return rewards_BxN.at[jnp.arange(rewards_BxN.shape[0]), last_B].add(score_B)
+
+
+def gae(rewards_BxN: Array, values_BxN: Array, mask_BxN: Array, gamma: float, lam: float
+        ) -> tuple[Array, Array]:
+  """(advantages, returns) by generalised advantage estimation, backwards over the columns:
+
+    delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1},   R_t = A_t + V_t
+
+  Values and rewards past a row's end count as 0, so padding adds nothing; A and R are 0 there.
+  """
+  values_BxN = jnp.where(mask_BxN, values_BxN, 0.0)
+  rewards_BxN = jnp.where(mask_BxN, rewards_BxN, 0.0)
+  next_values_BxN = jnp.concatenate(
+      [values_BxN[:, 1:], jnp.zeros_like(values_BxN[:, :1])], axis=1)
+  deltas_BxN = rewards_BxN + gamma * next_values_BxN - values_BxN
+
+  def step(next_adv_B, delta_B):
+    adv_B = delta_B + gamma * lam * next_adv_B
+    return adv_B, adv_B
+
+  _, adv_NxB = jax.lax.scan(step, jnp.zeros(deltas_BxN.shape[0], deltas_BxN.dtype),
+                            deltas_BxN.T, reverse=True)
+  adv_BxN = jnp.where(mask_BxN, adv_NxB.T, 0.0)
+  return adv_BxN, jnp.where(mask_BxN, adv_BxN + values_BxN, 0.0)
+
+
+def whiten(x_BxN: Array, mask_BxN: Array, shift_mean: bool = True) -> Array:
+  """(x - mean) / std over the masked entries (unbiased variance, as TRL); the mean is added
+  back when `shift_mean` is False. Zero outside the mask."""
+  mean = masked_mean(x_BxN, mask_BxN)
+  count = jnp.maximum(jnp.sum(mask_BxN), 2)
+  var = jnp.sum(jnp.where(mask_BxN, (x_BxN - mean) ** 2, 0.0)) / (count - 1)
+  out_BxN = (x_BxN - mean) * jax.lax.rsqrt(var + 1e-8)
+  if not shift_mean:
+    out_BxN += mean
+  return jnp.where(mask_BxN, out_BxN, 0.0)
+
+
+def policy_loss(logp_BxN: Array, old_logp_BxN: Array, adv_BxN: Array, mask_BxN: Array,
+                clip: float) -> tuple[Array, dict[str, Array]]:
+  """PPO's clipped surrogate mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))), r = exp(logp - old),
+  over real tokens; with r = 1 it is -mean(A). Stats: policy/approxkl (0.5 mean (log r)^2),
+  policy/clipfrac, val/ratio (mean r)."""
+  log_ratio_BxN = logp_BxN - old_logp_BxN
+  ratio_BxN = jnp.exp(log_ratio_BxN)
+  unclipped_BxN = -adv_BxN * ratio_BxN
+  clipped_BxN = -adv_BxN * jnp.clip(ratio_BxN, 1.0 - clip, 1.0 + clip)
+  loss = masked_mean(jnp.maximum(unclipped_BxN, clipped_BxN), mask_BxN)
+  return loss, {
+      "policy/approxkl": 0.5 * masked_mean(log_ratio_BxN ** 2, mask_BxN),
+      "policy/clipfrac": masked_mean((clipped_BxN > unclipped_BxN).astype(jnp.float32),
+                                     mask_BxN),
+      "val/ratio": masked_mean(ratio_BxN, mask_BxN),
+  }
+
+
+def value_loss(values_BxN: Array, old_values_BxN: Array, returns_BxN: Array, mask_BxN: Array,
+               clip: float) -> tuple[Array, dict[str, Array]]:
+  """0.5 mean(max((v - R)^2, (v_clip - R)^2)), v_clip = clip(v, v_old - eps, v_old + eps)."""
+  clipped_BxN = jnp.clip(values_BxN, old_values_BxN - clip, old_values_BxN + clip)
+  losses_BxN = jnp.maximum((values_BxN - returns_BxN) ** 2, (clipped_BxN - returns_BxN) ** 2)
+  loss = 0.5 * masked_mean(losses_BxN, mask_BxN)
+  clipped = ((clipped_BxN - returns_BxN) ** 2 > (values_BxN - returns_BxN) ** 2)
+  return loss, {"value/clipfrac": masked_mean(clipped.astype(jnp.float32), mask_BxN)}
+
+
+def group_advantages(score_B: Array, group_size: int, kind: str = "grpo",
+                     eps: float = 1e-4) -> Array:
+  """One advantage per sample, rows grouped as G consecutive samples of the same prompt.
+
+  grpo: (r - mean_group) / (std_group + eps), the sample std (Bessel-corrected, as TRL);
+  rloo: r - mean of the other G - 1 samples of its group (leave-one-out baseline).
+  """
+  if score_B.shape[0] % group_size:
+    raise ValueError(f"{score_B.shape[0]} samples do not split into groups of {group_size}")
+  if group_size < 2:
+    raise ValueError(f"group_size={group_size}: a group baseline needs at least 2 samples")
+  r_GxS = score_B.reshape(-1, group_size)
+  if kind == "grpo":
+    std = r_GxS.std(axis=1, keepdims=True, ddof=1)
+    adv = (r_GxS - r_GxS.mean(axis=1, keepdims=True)) / (std + eps)
+  elif kind == "rloo":
+    others = (r_GxS.sum(axis=1, keepdims=True) - r_GxS) / (group_size - 1)
+    adv = r_GxS - others
+  else:
+    raise ValueError(f"group advantage {kind!r} is not one of 'grpo', 'rloo'")
+  return adv.reshape(-1)
+
+
+def adaptive_kl_coef(coef, kl, target: float, horizon: float, n_steps: int):
+  """Ziegler et al.'s controller: e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e n / horizon."""
+  error = jnp.clip(kl / target - 1.0, -0.2, 0.2)
+  return coef * (1.0 + error * n_steps / horizon)
