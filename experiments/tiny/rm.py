@@ -19,7 +19,7 @@ CONFIG = {
     "data.min_bucket": 32,
     "data.batch_size": 32,
     "steps": 150,
-    "optim.lr": 1e-4,
+    "optim.lr": 1e-3,
     "optim.warmup_steps": 10,
     "optim.schedule": "cosine",
     "train.log_every": 10,
