@@ -26,6 +26,7 @@ import chz
 from chz.tiepin import CastError, is_subtype_instance, type_repr
 
 from jrlhf.algorithms.dpo import DPOConfig
+from jrlhf.algorithms.grpo import GRPOConfig
 from jrlhf.algorithms.rm import RMConfig
 from jrlhf.algorithms.sft import SFTConfig
 from jrlhf.data.config import DataConfig
@@ -36,8 +37,9 @@ from jrlhf.sharding.mesh import MeshConfig
 from jrlhf.train.config import OptimConfig, TrainConfig
 
 # `algorithm=NAME` selects the class; a new algorithm joins this table and the union below.
-ALGORITHMS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}
-AlgorithmConfig = SFTConfig | RMConfig | DPOConfig
+ALGORITHMS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig,
+                               "grpo": GRPOConfig}
+AlgorithmConfig = SFTConfig | RMConfig | DPOConfig | GRPOConfig
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 RUNS_DIR = "runs"

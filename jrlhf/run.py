@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping
 
 from jrlhf import config, distributed, sweep
 from jrlhf.algorithms.dpo import DPOConfig
+from jrlhf.algorithms.grpo import GRPOConfig
 from jrlhf.algorithms.rm import RMConfig
 from jrlhf.algorithms.sft import SFTConfig
 
@@ -46,9 +47,10 @@ def trainers() -> dict[type, Trainer]:
   Imported here rather than at the top so that `--help` and `print_config=true` answer without
   loading the training stack (orbax, optax).
   """
-  from jrlhf.train import loop  # noqa: PLC0415
+  from jrlhf.train import loop, online  # noqa: PLC0415
 
-  return {SFTConfig: loop.train, RMConfig: loop.train, DPOConfig: loop.train}
+  return {SFTConfig: loop.train, RMConfig: loop.train, DPOConfig: loop.train,
+          GRPOConfig: online.train}
 
 
 def parse_argv(argv: list[str]) -> tuple[dict[str, Any], list[str]]:

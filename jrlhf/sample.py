@@ -33,11 +33,13 @@ class ByteTokenizer:
     return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
 
 
-def left_pad(rows: list[list[int]], pad_id: int, multiple: int) -> tuple[np.ndarray, np.ndarray]:
-  """Left-padded (B, P) tokens and mask; B is rounded up to `multiple` with copies of row 0."""
+def left_pad(rows: list[list[int]], pad_id: int, multiple: int, length: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded (B, P) tokens and mask; B is rounded up to `multiple` with copies of row 0;
+  P is the longest row, or `length` (fixed widths compile once)."""
   while len(rows) % multiple:
     rows = rows + [rows[0]]
-  length = max(map(len, rows))
+  length = max(map(len, rows)) if length is None else length
   tokens = np.full((len(rows), length), pad_id, np.int32)
   mask = np.zeros((len(rows), length), np.int32)
   for i, row in enumerate(rows):

@@ -1,0 +1,190 @@
+"""The online-RL loop (GRPO / RLOO): sample groups of responses with the jitted sampler, score
+them, update on them; repeat.
+
+  final = train(cfg, pathlib.Path("runs/grpo"))   # cfg.algorithm: jrlhf.algorithms.grpo.GRPOConfig
+
+Per step: `prompts_per_step` training prompts (a fixed function of the step, so a resumed run
+sees the same ones) are each repeated `group_size` times, left-padded and sampled with the
+current policy (any PEFT method: the sampler reads the combined tree). Responses end at the first
+EOS (the sampler pads after it); the task's scorer judges the decoded text against the prompt's
+reference; a response that never stopped loses `missing_eos_penalty`. Advantages come from the
+group baseline; the update is `grpo.train_step`, `epochs` times, on the whole batch.
+
+Rewards today: the embedded task's scorer (`data.source=tiny`). A reward model (an RM run's
+export) is the PPO issue's next step.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import sys
+import time
+from typing import Any
+
+import chz
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jrlhf import data as data_lib
+from jrlhf.algorithms import grpo, ppo
+from jrlhf.algorithms.step import combine_params
+from jrlhf.distributed import storage_path
+from jrlhf.models.generate import Sampler, SamplingConfig
+from jrlhf.sample import left_pad
+from jrlhf.sharding import batch_ways, make_mesh, sharding_context
+from jrlhf.train import checkpoint, evaluate, metrics as metrics_lib
+from jrlhf.train.optimizer import make_optimizer
+from jrlhf.train.state import create_state
+
+# data.source -> fn(decoded response, reference answer) -> score. The embedded task's scorer is
+# exact match; register other verifiable tasks here.
+REWARD_FNS = {"tiny": data_lib.tiny_task.score}
+
+
+def prompt_indices(step: int, per_step: int, total: int, seed: int) -> np.ndarray:
+  """The training prompts of `step`: consecutive slices of a seeded permutation, reshuffled
+  every epoch over the prompts."""
+  start = step * per_step
+  epoch, offset = divmod(start, total)
+  out = []
+  while len(out) < per_step:
+    order = np.random.default_rng([seed, epoch]).permutation(total)
+    out.extend(order[offset:offset + per_step - len(out)])
+    epoch, offset = epoch + 1, 0
+  return np.asarray(out)
+
+
+class _Online:
+  """One run's setup (data, state, jitted programs) and its per-step work."""
+
+  def __init__(self, cfg, run_dir: pathlib.Path):
+    self.cfg, self.alg, self.run_dir = cfg, cfg.algorithm, storage_path(run_dir)
+    if cfg.data.source not in REWARD_FNS:
+      raise ValueError(f"algorithm={type(cfg.algorithm).__name__} needs a reward: data.source="
+                       f"{cfg.data.source!r} has no scorer (known: {', '.join(REWARD_FNS)})")
+    self.score_fn = REWARD_FNS[cfg.data.source]
+    self.tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+    train_ds, self.eval_ds, _ = data_lib.load_dataset(cfg.data, self.tokenizer)
+    self.prompts, self.references = train_ds.prompts_and_references(self.tokenizer)
+    self.pad_id = train_ds.pad_id
+    self.prompt_len = max(len(p) for p in self.prompts)
+    self.mesh = make_mesh(cfg.mesh)
+    rows = self.alg.prompts_per_step * self.alg.group_size
+    if rows % batch_ways(self.mesh):
+      raise ValueError(f"{rows} rollouts per step (prompts_per_step x group_size) must divide "
+                       f"over the mesh's {batch_ways(self.mesh)} batch ways")
+    self.opt = make_optimizer(cfg.optim, cfg.steps)
+    self.model, state, state_sh = create_state(
+        cfg.model, self.opt, self.mesh, seed=cfg.seed, init_from=cfg.init_from, peft=cfg.peft,
+        encode=lambda text: self.tokenizer.encode(text, add_special_tokens=False),
+        reference=self.alg.kl_coef > 0)
+    eos = self.tokenizer.eos_token_id
+    self.sampler = Sampler(self.model, SamplingConfig(
+        max_new_tokens=self.alg.max_new_tokens, temperature=self.alg.temperature,
+        stop_tokens=() if eos is None else (eos,), pad_id=self.pad_id))
+    self.update = jax.jit(functools.partial(grpo.train_step, model=self.model, cfg=self.alg,
+                                            opt=self.opt),
+                          in_shardings=(state_sh, None), out_shardings=(state_sh, None),
+                          donate_argnums=0)
+    self.reference = jax.jit(functools.partial(grpo.reference_logprobs, model=self.model,
+                                               temperature=self.alg.temperature))
+    self.fingerprint = checkpoint.fingerprint(
+        data=chz.asdict(cfg.data), seed=cfg.seed, algorithm=chz.asdict(self.alg))
+    ckpt_dir = self.run_dir / "checkpoints"
+    if not cfg.train.resume:
+      checkpoint.clear(ckpt_dir)
+    self.ckpt = checkpoint.Checkpointer(ckpt_dir, every=cfg.train.checkpoint_every,
+                                        keep=cfg.train.keep_checkpoints,
+                                        async_save=cfg.train.async_checkpoints)
+    self.state = self.ckpt.restore_or(state, self.fingerprint)
+    self.start = int(jax.device_get(self.state.step))
+    self.writer = metrics_lib.MetricsWriter(self.run_dir, resume_step=self.start,
+                                            tensorboard=cfg.train.tensorboard,
+                                            wandb=cfg.train.wandb,
+                                            wandb_project=cfg.train.wandb_project)
+    self.generations = None
+    if cfg.train.num_samples and len(self.eval_ds):
+      prompts, refs = self.eval_ds.prompts_and_references(self.tokenizer, cfg.train.num_samples)
+      self.generations = evaluate.Generations(
+          self.model, prompts, refs, self.score_fn, self.decode,
+          max_new_tokens=cfg.train.max_new_tokens, stop_tokens=self.sampler.cfg.stop_tokens,
+          pad_id=self.pad_id, mesh=self.mesh)
+
+  def decode(self, ids) -> str:
+    return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+  def rollout(self, step: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """Samples and scores one step's groups; returns the update batch and rollout metrics."""
+    alg = self.alg
+    idx = prompt_indices(step, alg.prompts_per_step, len(self.prompts), self.cfg.seed)
+    idx = np.repeat(idx, alg.group_size)  # G consecutive rows per prompt
+    # One prompt width for the whole run (the longest prompt), so the sampler and the update
+    # compile once instead of once per step's longest prompt.
+    prompt_BxP, mask_BxP = left_pad([list(self.prompts[i]) for i in idx], self.pad_id, 1,
+                                    length=self.prompt_len)
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed + 3), step)
+    params = combine_params(self.state.trainable, self.state.frozen)
+    gen = self.sampler(params, jnp.asarray(prompt_BxP), jnp.asarray(mask_BxP), rng)
+    tokens_BxN, lengths_B, done_B = jax.device_get((gen.tokens_BxN, gen.lengths_B, gen.done_B))
+    texts = [self.decode(row[:n]) for row, n in zip(tokens_BxN, lengths_B)]
+    scores_B = np.array([self.score_fn(t, self.references[i]) for t, i in zip(texts, idx)],
+                        np.float32)
+    penalised_B = scores_B - alg.missing_eos_penalty * (~done_B)
+    batch = grpo.rollout_batch(jnp.asarray(prompt_BxP), jnp.asarray(mask_BxP), gen.tokens_BxN,
+                               gen.lengths_B)
+    batch["old_logprobs"] = gen.logprobs_BxN
+    batch["advantages"] = ppo.group_advantages(jnp.asarray(penalised_B), alg.group_size,
+                                               alg.baseline)
+    batch["ref_logprobs"] = (self.reference(self.state, batch) if alg.kl_coef
+                             else jnp.zeros_like(gen.logprobs_BxN))
+    return batch, {"objective/scores": float(penalised_B.mean()),
+                   "rollout/accuracy": float(scores_B.mean()),
+                   "rollout/eos_fraction": float(done_B.mean()),
+                   "rollout/length": float(lengths_B.mean())}
+
+  def loop(self) -> dict[str, Any]:
+    cfg, tcfg = self.cfg, self.cfg.train
+    last: dict[str, Any] = {}
+    stop = checkpoint.StopSignal()
+    try:
+      with sharding_context(self.mesh), stop.installed():
+        for i in range(self.start, cfg.steps):
+          started = time.perf_counter()
+          batch, row = self.rollout(i)
+          for _ in range(self.alg.epochs):
+            self.state, metrics = self.update(self.state, batch)
+          row.update({k: float(v) for k, v in jax.device_get(metrics).items()})
+          row["perf/episodes_per_sec"] = len(batch["tokens"]) / (time.perf_counter() - started)
+          n = i + 1
+          if tcfg.eval_every and (n % tcfg.eval_every == 0 or n == cfg.steps) and (
+              self.generations is not None):
+            rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), n)
+            gen_metrics, rows = self.generations(
+                combine_params(self.state.trainable, self.state.frozen), rng)
+            row.update({f"eval/{k}": v for k, v in gen_metrics.items()})
+            metrics_lib.write_samples(self.run_dir / "samples.jsonl", n, rows)
+          if n == cfg.steps or (tcfg.log_every and n % tcfg.log_every == 0) or "eval/accuracy" in row:
+            self.writer.write(n, row)
+          last = row
+          self.ckpt.maybe_save(n, self.state, self.fingerprint)
+          if stop:
+            self.ckpt.save(n, self.state, self.fingerprint)
+            self.ckpt.wait()
+            print(f"[jrlhf] stopped by signal after step {n}; run the same command again to "
+                  f"continue.", file=sys.stderr, flush=True)
+            raise SystemExit(128 + stop.signum)
+        self.ckpt.save(cfg.steps, self.state, self.fingerprint)
+    finally:
+      self.ckpt.close()
+      self.writer.close()
+    if jax.process_index() == 0:
+      print(f"[jrlhf] metrics:    {self.writer.path}")
+      print(f"[jrlhf] checkpoint: {self.run_dir / 'checkpoints'}/{cfg.steps}")
+    return {"step": cfg.steps, **last}
+
+
+def train(cfg, run_dir: pathlib.Path) -> dict[str, Any]:
+  """Runs (or resumes) the online-RL config `cfg` in `run_dir`; returns the last step's row."""
+  return _Online(cfg, run_dir).loop()
