@@ -92,8 +92,9 @@ def parse_target(spec: str) -> Target:
     if local:
       return Target(spec, (local[0],), local[0].device_kind, parse_size(rest), None)
     return Target(spec, (jax.devices("cpu")[0],), f"one {rest} device", parse_size(rest), None,
-                  note="no GPU here: compiled for the local CPU as a stand-in (XLA:CPU buffer "
-                       "assignment), judged against the budget")
+                  note="no GPU here: compiled for the local CPU as a stand-in, judged against "
+                       "the budget. XLA:CPU runs bf16 matmuls in float32, so its temporaries "
+                       "read high (7B bf16 full fine-tuning: 39 GiB vs 16 GiB on one TPU chip)")
   raise PlanError(f"plan={spec!r}: expected a TPU topology ({', '.join(TPU_CHIPS)}, e.g. "
                   f"v5p:2x2x1 or v5e:4x4), cpu, cpu:<size> or gpu:<size> (e.g. gpu:16GB)")
 
@@ -251,19 +252,23 @@ def _depth_cost(program: Program, cfg, mesh) -> tuple[float | None, float | None
   """(FLOPs, estimated seconds) per chip at the config's depth.
 
   XLA's cost analysis counts a while loop's body once, so a scanned stack of layers reads as one
-  layer. Compile 1 and 2 layers unrolled (tiny programs) and extrapolate linearly in depth.
+  layer and the gradient-accumulation scan as one micro-batch. Compile 1 and 2 layers unrolled
+  for one micro-batch (small programs), extrapolate linearly in depth and scale by grad_accum
+  (which also counts the once-per-step optimizer update grad_accum times: a small excess).
   """
+  accum = cfg.optim.grad_accum
   points = []
   for n in (1, 2):
-    model = chz.replace(cfg.model, num_layers=n, scan_unroll=n)
-    points.append(_cost(_lower(program, chz.replace(cfg, model=model), mesh).compile()))
+    small = chz.replace(cfg, model=chz.replace(cfg.model, num_layers=n, scan_unroll=n),
+                        optim=chz.replace(cfg.optim, grad_accum=1))
+    points.append(_cost(_lower(program, small, mesh).compile()))
   depth = cfg.model.num_layers
 
   def extrapolate(key):
     a, b = (p.get(key) for p in points)
     if a is None or b is None or a < 0 or b < 0:
       return None
-    return a + (depth - 1) * (b - a)
+    return accum * (a + (depth - 1) * (b - a))
   return extrapolate("flops"), extrapolate("optimal_seconds") or None
 
 

@@ -43,6 +43,9 @@ def test_plan_counts_every_scanned_layer():
   assert 1.7 < b.compiler_flops / a.compiler_flops < 2.1
   assert 1.7 < b.model_flops / a.model_flops < 2.1
   assert two.target.chips == 1 and 0.8 < a.compiler_flops / a.model_flops < 2
+  # The gradient-accumulation scan is a loop too: two micro-batches cost twice one.
+  _, accum = plan_for("tiny/sft", "gpu:64GB", **{"model.num_layers": "2", "optim.grad_accum": "2"})
+  assert 1.8 < accum.programs[0].compiler_flops / a.compiler_flops < 2.1
 
 
 def test_over_budget_exits_nonzero_with_a_verdict(tmp_path, monkeypatch, capsys):
