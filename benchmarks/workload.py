@@ -7,6 +7,14 @@ vocab 8192, float32. `--tiny` shrinks it to a seconds-long smoke run.
 from __future__ import annotations
 
 import argparse
+import os
+
+# PyTorch's OpenMP workers spin between parallel regions by default. On a shared 2-core machine,
+# beside XLA's threads in the same process, a spinning worker holds a core someone needs and a
+# descheduled one stalls every barrier: at load average 5-9 that made PyTorch's SFT step 2x
+# slower (9.1 s vs 4.4 s), which would flatter jrlhf. Waiting passively is the fair setting
+# here; set OMP_WAIT_POLICY yourself to override. Read once, when torch starts its threads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from jrlhf.models import ModelConfig
 from jrlhf.models.hf_config import config_to_hf
