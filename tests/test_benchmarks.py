@@ -9,10 +9,13 @@ import pytest
 BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["generate.py", "sft_throughput.py"])
-def test_benchmark_smoke(script, tmp_path):
+# peft_throughput's full fine-tuning row is sft_throughput's step: one compile fewer here.
+@pytest.mark.parametrize("script, extra", [("generate.py", []), ("sft_throughput.py", []),
+                                           ("peft_throughput.py", ["--methods", "lora,qlora"])])
+def test_benchmark_smoke(script, extra, tmp_path):
   out = tmp_path / "result.json"
-  proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--tiny", "--out", str(out)],
+  proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--tiny", "--out", str(out),
+                         *extra],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "jrlhf" in proc.stdout and out.exists()
