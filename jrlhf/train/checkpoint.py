@@ -26,8 +26,10 @@ import pathlib
 import shutil
 import signal
 import sys
+import tempfile
 from typing import Any, Iterator
 
+import jax
 import orbax.checkpoint as ocp
 
 from jrlhf.distributed import barrier, is_url, is_writer, storage_path
@@ -174,5 +176,15 @@ class StopSignal:
 
 def export_hf(directory: pathlib.Path, model, params: Any) -> pathlib.Path:
   """The final params in Hugging Face format (config.json + safetensors). Call on every process:
-  each contributes its shards; process 0 writes."""
-  return save_pretrained(directory, model, params)
+  each contributes its shards; process 0 writes. A bucket directory (`gs://...`) is written
+  locally first and copied file by file (safetensors writes to local paths only)."""
+  if not is_url(directory):
+    return save_pretrained(directory, model, params)
+  with tempfile.TemporaryDirectory(prefix="jrlhf-export-") as local:
+    save_pretrained(local, model, params)
+    if jax.process_index() == 0:
+      remote = storage_path(directory)
+      remote.mkdir(parents=True, exist_ok=True)
+      for file in sorted(pathlib.Path(local).iterdir()):
+        (remote / file.name).write_bytes(file.read_bytes())
+  return storage_path(directory)

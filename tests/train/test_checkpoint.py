@@ -64,3 +64,19 @@ def test_bucket_checkpoint_dir_stays_a_url(tmp_path):
     checkpoint.clear("gs://bkt/runs/a/checkpoints")
   assert not (tmp_path / "bkt/runs/a/checkpoints").exists()
   assert (tmp_path / "bkt/runs/a").exists()
+
+
+def test_export_to_a_bucket_writes_a_loadable_checkpoint(tmp_path):
+  import flax.linen as nn
+
+  from jrlhf.models import ModelConfig, Transformer, from_pretrained
+  cfg = ModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                    head_dim=8, mlp_dim=32, max_position_embeddings=32)
+  model = Transformer(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
+  with fake_bucket(tmp_path):
+    out = checkpoint.export_hf("gs://bkt/run/export", model, params)
+  assert str(out) == "gs://bkt/run/export"
+  _, loaded = from_pretrained(tmp_path / "bkt/run/export")
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
