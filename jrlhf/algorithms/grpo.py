@@ -32,8 +32,8 @@ class GRPOConfig:
   baseline: grpo ((r - mean) / (std + 1e-4) per group) or rloo (r - mean of the others).
   group_size: responses per prompt (G). prompts_per_step: prompts per rollout batch.
   max_new_tokens / temperature: sampling (top_k off, top_p 1, as PPO's reference setup).
-  clip: epsilon of the clipped ratio. kl_coef: weight of the k3 KL to the reference (0 = none,
-  and then no reference pass). epochs: updates per rollout batch (1 = on-policy, ratio 1).
+  clip: epsilon of the clipped ratio. kl_coef: weight of the k3 KL to the reference in the loss
+  (0 = none; the KL is logged either way). epochs: updates per rollout batch (1 = on-policy, ratio 1).
   missing_eos_penalty: subtracted from the score of responses that never stopped.
   """
 

@@ -79,7 +79,7 @@ class _Online:
     self.model, state, state_sh = create_state(
         cfg.model, self.opt, self.mesh, seed=cfg.seed, init_from=cfg.init_from, peft=cfg.peft,
         encode=lambda text: self.tokenizer.encode(text, add_special_tokens=False),
-        reference=self.alg.kl_coef > 0)
+        reference=True)
     eos = self.tokenizer.eos_token_id
     self.sampler = Sampler(self.model, SamplingConfig(
         max_new_tokens=self.alg.max_new_tokens, temperature=self.alg.temperature,
@@ -137,8 +137,9 @@ class _Online:
     batch["old_logprobs"] = gen.logprobs_BxN
     batch["advantages"] = ppo.group_advantages(jnp.asarray(penalised_B), alg.group_size,
                                                alg.baseline)
-    batch["ref_logprobs"] = (self.reference(self.state, batch) if alg.kl_coef
-                             else jnp.zeros_like(gen.logprobs_BxN))
+    # Always measured (objective/kl is the run's main health signal); in the loss only with
+    # kl_coef > 0.
+    batch["ref_logprobs"] = self.reference(self.state, batch)
     return batch, {"objective/scores": float(penalised_B.mean()),
                    "rollout/accuracy": float(scores_B.mean()),
                    "rollout/eos_fraction": float(done_B.mean()),
