@@ -53,7 +53,9 @@ class DPOConfig:
   with `loss_weights`; empty weights = 1 each). beta: the KL strength (ORPO's lambda, as in TRL).
   label_smoothing: e of cDPO (`sigmoid`, `simpo`), `robust` and `exo_pair`.
   simpo_gamma: SimPO's target margin. reference_free: reference logps = 0 (DPO without a
-  reference model). The `sft` term (RPO) and ORPO's NLL are the mean NLL over all chosen tokens.
+  reference model). precompute_ref: the loop runs the reference over the data once, caches the
+  logps in the run dir (`jrlhf.train.ref_cache`) and trains without a reference model. The
+  `sft` term (RPO) and ORPO's NLL are the mean NLL over all chosen tokens.
   """
 
   beta: float = 0.1
@@ -62,6 +64,7 @@ class DPOConfig:
   label_smoothing: float = 0.0
   simpo_gamma: float = 0.5
   reference_free: bool = False
+  precompute_ref: bool = False
 
   @chz.validate
   def _check(self):

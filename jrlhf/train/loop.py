@@ -30,7 +30,7 @@ from jrlhf.algorithms.step import combine_params, interleave_micro_batches
 from jrlhf.peft import config as peft_config, quant, trainable as peft_trainable
 from jrlhf.distributed import storage_path
 from jrlhf.sharding import batch_sharding, make_mesh, put_batch, sharding_context
-from jrlhf.train import checkpoint, evaluate, metrics as metrics_lib
+from jrlhf.train import checkpoint, evaluate, metrics as metrics_lib, ref_cache
 from jrlhf.train.optimizer import make_optimizer
 from jrlhf.train.state import create_state
 
@@ -44,10 +44,16 @@ class Algorithm(NamedTuple):
   pairs: bool = False  # trains on preference pairs (`jrlhf.data.preference`), not examples
   head: str = "lm"  # "scalar" for a reward model
   needs_reference: Callable[[Any], bool] = lambda cfg: False  # a frozen reference model?
+  precompute_reference: Callable[[Any], bool] = lambda cfg: False  # reference logps cached?
 
 
 def _dpo_reference(cfg: dpo.DPOConfig) -> bool:
-  return cfg.needs_reference
+  # Precomputed logps replace the reference in every step: no frozen copy to hold.
+  return cfg.needs_reference and not cfg.precompute_ref
+
+
+def _dpo_precompute(cfg: dpo.DPOConfig) -> bool:
+  return cfg.needs_reference and cfg.precompute_ref
 
 
 # Keyed by config type: grep finds every algorithm the loop can run.
@@ -56,7 +62,8 @@ ALGORITHMS: dict[type, Algorithm] = {
     rm.RMConfig: Algorithm(rm.train_step, rm.eval_step, rm.eval_metrics, pairs=True,
                            head="scalar"),
     dpo.DPOConfig: Algorithm(dpo.train_step, dpo.eval_step, dpo.eval_metrics, pairs=True,
-                             needs_reference=_dpo_reference),
+                             needs_reference=_dpo_reference,
+                             precompute_reference=_dpo_precompute),
 }
 
 
@@ -81,6 +88,7 @@ class RunData:
   generations: Callable[[Any, Any], evaluate.Generations | None]
   vocab_size: int
   encode: Callable[[str], list[int]] | None = None  # text -> ids, for PEFT init from text
+  pairs: dict[str, Any] | None = None  # {"train", "eval"} PreferenceDatasets (reference cache)
 
 
 def load_run_data(cfg) -> RunData:
@@ -130,7 +138,8 @@ def load_run_data(cfg) -> RunData:
           examples=len(train_ds)),
       generations=generations,
       vocab_size=len(tokenizer),
-      encode=lambda text: tokenizer.encode(text, add_special_tokens=False))
+      encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
+      pairs={"train": train_ds, "eval": eval_pairs} if algorithm.pairs else None)
 
 
 def train(cfg, run_dir: pathlib.Path) -> dict[str, Any]:
@@ -191,6 +200,12 @@ class _Run:
         cfg.model, self.opt, self.mesh, seed=cfg.seed, init_from=cfg.init_from, peft=cfg.peft,
         encode=data.encode, head=self.algorithm.head,
         reference=self.algorithm.needs_reference(cfg.algorithm))
+    if self.algorithm.precompute_reference(cfg.algorithm):
+      # From the state as created, before a restore: the reference is the starting model.
+      path, computed = ref_cache.fill(cfg, data, run_dir, self.model, state, self.mesh)
+      if jax.process_index() == 0:
+        print(f"[jrlhf] reference logps {'computed into' if computed else 'read from'} {path}",
+              flush=True)
     self.ckpt_dir = run_dir / "checkpoints"
     if not self.tcfg.resume:
       checkpoint.clear(self.ckpt_dir)
