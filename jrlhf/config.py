@@ -27,6 +27,7 @@ from chz.tiepin import CastError, is_subtype_instance, type_repr
 
 from jrlhf.algorithms.dpo import DPOConfig
 from jrlhf.algorithms.grpo import GRPOConfig
+from jrlhf.algorithms.ppo import PPOConfig
 from jrlhf.algorithms.rm import RMConfig
 from jrlhf.algorithms.sft import SFTConfig
 from jrlhf.data.config import DataConfig
@@ -38,8 +39,8 @@ from jrlhf.train.config import OptimConfig, TrainConfig
 
 # `algorithm=NAME` selects the class; a new algorithm joins this table and the union below.
 ALGORITHMS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig,
-                               "grpo": GRPOConfig}
-AlgorithmConfig = SFTConfig | RMConfig | DPOConfig | GRPOConfig
+                               "grpo": GRPOConfig, "ppo": PPOConfig}
+AlgorithmConfig = SFTConfig | RMConfig | DPOConfig | GRPOConfig | PPOConfig
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 RUNS_DIR = "runs"

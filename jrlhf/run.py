@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 from jrlhf import config, distributed, sweep
 from jrlhf.algorithms.dpo import DPOConfig
 from jrlhf.algorithms.grpo import GRPOConfig
+from jrlhf.algorithms.ppo import PPOConfig
 from jrlhf.algorithms.rm import RMConfig
 from jrlhf.algorithms.sft import SFTConfig
 
@@ -50,7 +51,7 @@ def trainers() -> dict[type, Trainer]:
   from jrlhf.train import loop, online  # noqa: PLC0415
 
   return {SFTConfig: loop.train, RMConfig: loop.train, DPOConfig: loop.train,
-          GRPOConfig: online.train}
+          GRPOConfig: online.train, PPOConfig: online.train}
 
 
 def parse_argv(argv: list[str]) -> tuple[dict[str, Any], list[str]]:

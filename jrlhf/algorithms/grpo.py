@@ -1,7 +1,7 @@
 """GRPO and RLOO: policy-gradient updates on groups of sampled responses with a group baseline.
 
-    batch = rollout_batch(prompt_BxP, prompt_mask_BxP, gen)          # [prompt; response] rows
-    logp_BxN = response_logprobs(model, params, batch, temperature)  # what the sampler recorded
+    batch = ppo.rollout_batch(prompt_BxP, prompt_mask_BxP, gen)      # [prompt; response] rows
+    logp_BxN = ppo.response_logprobs(model, params, batch, temperature)  # the sampler's logprobs
     state, metrics = train_step(state, batch, model=model, cfg=cfg, opt=opt)
 
 G = `group_size` responses are sampled per prompt (rows grouped consecutively); each gets the
@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 
 from jrlhf.algorithms import common, ppo, step
-from jrlhf.models.transformer import default_positions
 
 Array = jax.Array
 
@@ -60,40 +59,10 @@ class GRPOConfig:
         raise ValueError(f"algorithm.{name}={getattr(self, name)} must be >= 1")
 
 
-def rollout_batch(prompt_BxP: Array, prompt_mask_BxP: Array, tokens_BxN: Array,
-                  lengths_B: Array) -> dict[str, Array]:
-  """Left-padded prompts followed by the sampled responses, as one forward pass's inputs."""
-  n = tokens_BxN.shape[1]
-  response_mask_BxN = ppo.response_mask(lengths_B, n)
-  mask_BxL = jnp.concatenate([prompt_mask_BxP.astype(bool), response_mask_BxN], axis=1)
-  return {"tokens": jnp.concatenate([prompt_BxP, tokens_BxN], axis=1).astype(jnp.int32),
-          "attention_mask": mask_BxL, "response_mask": response_mask_BxN}
-
-
-def response_logprobs(model, params: Any, batch: dict[str, Array], temperature: float) -> Array:
-  """log softmax(logits / T) of each response token, from one pass over [prompt; response].
-
-  Positions come from the mask exactly as the sampler assigns them, so on the sampling params
-  this reproduces the sampler's logprobs (the first ratio is 1)."""
-  tokens_BxL, mask_BxL = batch["tokens"], batch["attention_mask"]
-  n = batch["response_mask"].shape[1]
-  logits_BxLxV = model.apply({"params": params}, tokens_BxL, attention_mask_BxL=mask_BxL,
-                             positions_BxL=default_positions(tokens_BxL, mask_BxL))
-  # Logits at column t predict token t + 1: the last N predictions cover the response.
-  logits_BxNxV = logits_BxLxV[:, -n - 1:-1].astype(jnp.float32) / temperature
-  logp_BxNxV = jax.nn.log_softmax(logits_BxNxV, axis=-1)
-  return jnp.take_along_axis(logp_BxNxV, tokens_BxL[:, -n:, None], axis=-1)[..., 0]
-
-
-def reference_logprobs(state, batch: dict[str, Array], model, temperature: float) -> Array:
-  params = step.reference_params(state.trainable, state.frozen)
-  return response_logprobs(model, params, batch, temperature)
-
-
 def loss_fn(trainable: Any, state, batch: dict[str, Array], model, cfg: GRPOConfig
             ) -> tuple[Array, dict[str, Array]]:
   params = step.combine_params(trainable, state.frozen)
-  logp_BxN = response_logprobs(model, params, batch, cfg.temperature)
+  logp_BxN = ppo.response_logprobs(model, params, batch, cfg.temperature)
   mask_BxN = batch["response_mask"]
   adv_BxN = jnp.broadcast_to(batch["advantages"][:, None], mask_BxN.shape)
   pg, stats = ppo.policy_loss(logp_BxN, batch["old_logprobs"], adv_BxN, mask_BxN, cfg.clip)

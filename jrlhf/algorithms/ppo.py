@@ -16,10 +16,15 @@ REFERENCE.md "PPO"; metric names are TRL's.
 
 from __future__ import annotations
 
+from typing import Any
+
+import chz
 import jax
 import jax.numpy as jnp
 
+from jrlhf.algorithms import step
 from jrlhf.algorithms.common import masked_mean
+from jrlhf.models.transformer import default_positions
 
 Array = jax.Array
 
@@ -149,3 +154,151 @@ def adaptive_kl_coef(coef, kl, target: float, horizon: float, n_steps: int):
   """Ziegler et al.'s controller: e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e n / horizon."""
   error = jnp.clip(kl / target - 1.0, -0.2, 0.2)
   return coef * (1.0 + error * n_steps / horizon)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout batches: left-padded prompts followed by sampled responses (shared with GRPO).
+
+
+def rollout_batch(prompt_BxP: Array, prompt_mask_BxP: Array, tokens_BxN: Array,
+                  lengths_B: Array) -> dict[str, Array]:
+  """Left-padded prompts followed by the sampled responses, as one forward pass's inputs."""
+  n = tokens_BxN.shape[1]
+  response_mask_BxN = response_mask(lengths_B, n)
+  mask_BxL = jnp.concatenate([prompt_mask_BxP.astype(bool), response_mask_BxN], axis=1)
+  return {"tokens": jnp.concatenate([prompt_BxP, tokens_BxN], axis=1).astype(jnp.int32),
+          "attention_mask": mask_BxL, "response_mask": response_mask_BxN}
+
+
+def response_logprobs(model, params: Any, batch: dict[str, Array], temperature: float) -> Array:
+  """log softmax(logits / T) of each response token, from one pass over [prompt; response].
+
+  Positions come from the mask exactly as the sampler assigns them, so on the sampling params
+  this reproduces the sampler's logprobs (the first ratio is 1)."""
+  tokens_BxL, mask_BxL = batch["tokens"], batch["attention_mask"]
+  n = batch["response_mask"].shape[1]
+  logits_BxLxV = model.apply({"params": params}, tokens_BxL, attention_mask_BxL=mask_BxL,
+                             positions_BxL=default_positions(tokens_BxL, mask_BxL))
+  # Logits at column t predict token t + 1: the last N predictions cover the response.
+  logits_BxNxV = logits_BxLxV[:, -n - 1:-1].astype(jnp.float32) / temperature
+  logp_BxNxV = jax.nn.log_softmax(logits_BxNxV, axis=-1)
+  return jnp.take_along_axis(logp_BxNxV, tokens_BxL[:, -n:, None], axis=-1)[..., 0]
+
+
+def reference_logprobs(state, batch: dict[str, Array], model, temperature: float) -> Array:
+  params = step.reference_params(state.trainable, state.frozen)
+  return response_logprobs(model, params, batch, temperature)
+
+
+def sequence_values(model, params: Any, batch: dict[str, Array]) -> Array:
+  """(B, N) values of a scalar-head model, aligned as `response_logprobs`: the value before
+  response token t is read where the policy predicts it (the previous position)."""
+  tokens_BxL, mask_BxL = batch["tokens"], batch["attention_mask"]
+  n = batch["response_mask"].shape[1]
+  values_BxL = model.apply({"params": params}, tokens_BxL, attention_mask_BxL=mask_BxL,
+                           positions_BxL=default_positions(tokens_BxL, mask_BxL))
+  return values_BxL[:, -n - 1:-1]
+
+
+def sequence_scores(model, params: Any, batch: dict[str, Array]) -> Array:
+  """(B,) a reward model's score of each [prompt; response]: its value at the last real token
+  (found from the response mask; never a pad)."""
+  tokens_BxL, mask_BxL = batch["tokens"], batch["attention_mask"]
+  values_BxL = model.apply({"params": params}, tokens_BxL, attention_mask_BxL=mask_BxL,
+                           positions_BxL=default_positions(tokens_BxL, mask_BxL))
+  p = tokens_BxL.shape[1] - batch["response_mask"].shape[1]
+  last_B = p + jnp.sum(batch["response_mask"], axis=1) - 1
+  return jnp.take_along_axis(values_BxL, last_B[:, None], axis=1)[:, 0]
+
+
+@chz.chz
+class PPOConfig:
+  """PPO on sampled responses (REFERENCE.md "PPO"; defaults as there, TRL's names).
+
+  prompts_per_step: rollouts per step. max_new_tokens / temperature: sampling (top_k off).
+  num_ppo_epochs x num_mini_batches: updates per rollout batch. kl_coef: beta of the per-token
+  KL reward (kl_estimator k1 | k3); kl_target > 0 turns on the adaptive controller (horizon
+  kl_horizon). gamma, lam: GAE. clip / clip_value: policy ratio and value clipping. vf_coef:
+  weight of the critic's loss. missing_eos_penalty: subtracted from the score of responses that
+  never stopped. reward_model: an RM run's export (HF dir); empty = the task's scorer. The critic
+  is a separate scalar-head model started from reward_model, else from init_from (zero head).
+  """
+
+  prompts_per_step: int = 16
+  max_new_tokens: int = 32
+  temperature: float = 0.7
+  num_ppo_epochs: int = 4
+  num_mini_batches: int = 1
+  kl_coef: float = 0.05
+  kl_estimator: str = "k1"
+  kl_target: float = 0.0
+  kl_horizon: float = 10000.0
+  gamma: float = 1.0
+  lam: float = 0.95
+  clip: float = 0.2
+  clip_value: float = 0.2
+  vf_coef: float = 0.1
+  missing_eos_penalty: float = 0.0
+  whiten_rewards: bool = False
+  reward_model: str = ""
+
+  @chz.validate
+  def _check(self):
+    if self.kl_estimator not in ("k1", "k3"):
+      raise ValueError(f"algorithm.kl_estimator={self.kl_estimator!r} is not one of k1, k3")
+    if self.temperature <= 0:
+      raise ValueError(f"algorithm.temperature={self.temperature} must be > 0 (sampling)")
+    for name in ("prompts_per_step", "max_new_tokens", "num_ppo_epochs", "num_mini_batches"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"algorithm.{name}={getattr(self, name)} must be >= 1")
+    if self.prompts_per_step % self.num_mini_batches:
+      raise ValueError(f"algorithm.prompts_per_step={self.prompts_per_step} does not split into "
+                       f"num_mini_batches={self.num_mini_batches}")
+
+  @property
+  def group_size(self) -> int:
+    return 1  # one response per prompt; the critic is the baseline
+
+
+def advantages(batch: dict[str, Array], score_B: Array, values_BxN: Array, kl_coef,
+               cfg: PPOConfig) -> tuple[Array, Array, dict[str, Array]]:
+  """(whitened advantages, returns, metrics) of a rollout batch with its scores and values."""
+  mask_BxN = batch["response_mask"]
+  kl_BxN = kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], cfg.kl_estimator)
+  rewards_BxN = token_rewards(score_B, kl_BxN, mask_BxN, kl_coef)
+  if cfg.whiten_rewards:
+    rewards_BxN = whiten(rewards_BxN, mask_BxN, shift_mean=False)
+  adv_BxN, returns_BxN = gae(rewards_BxN, values_BxN, mask_BxN, cfg.gamma, cfg.lam)
+  kl_B = jnp.sum(jnp.where(mask_BxN, kl_BxN, 0.0), axis=1)
+  return whiten(adv_BxN, mask_BxN), returns_BxN, {
+      "objective/kl": jnp.mean(kl_B),
+      "objective/scores": jnp.mean(score_B),
+      "objective/rlhf_reward": jnp.mean(score_B - kl_coef * kl_B),
+      "objective/non_score_reward": jnp.mean(-kl_coef * kl_B),
+  }
+
+
+def policy_step(state, batch: dict[str, Array], *, model, cfg: PPOConfig, opt):
+  """One optimizer step of the policy on a mini-batch (clipped surrogate)."""
+  def loss_fn(trainable):
+    params = step.combine_params(trainable, state.frozen)
+    logp_BxN = response_logprobs(model, params, batch, cfg.temperature)
+    return policy_loss(logp_BxN, batch["old_logprobs"], batch["advantages"],
+                       batch["response_mask"], cfg.clip)
+
+  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+  state, update = step.apply_gradients(state, grads, opt)
+  return state, {"loss/policy": loss, **stats, **update}
+
+
+def critic_step(state, batch: dict[str, Array], *, model, cfg: PPOConfig, opt):
+  """One optimizer step of the critic on a mini-batch (clipped value loss x vf_coef)."""
+  def loss_fn(trainable):
+    values_BxN = sequence_values(model, step.combine_params(trainable, state.frozen), batch)
+    loss, stats = value_loss(values_BxN, batch["old_values"], batch["returns"],
+                             batch["response_mask"], cfg.clip_value)
+    return cfg.vf_coef * loss, (loss, stats)
+
+  (_, (loss, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+  state, update = step.apply_gradients(state, grads, opt)
+  return state, {"loss/value": loss, **stats, "value/grad_norm": update["grad_norm"]}

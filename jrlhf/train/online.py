@@ -61,10 +61,11 @@ class _Online:
 
   def __init__(self, cfg, run_dir: pathlib.Path):
     self.cfg, self.alg, self.run_dir = cfg, cfg.algorithm, storage_path(run_dir)
-    if cfg.data.source not in REWARD_FNS:
+    self.score_fn = REWARD_FNS.get(cfg.data.source)
+    if self.score_fn is None and not getattr(self.alg, "reward_model", ""):
       raise ValueError(f"algorithm={type(cfg.algorithm).__name__} needs a reward: data.source="
-                       f"{cfg.data.source!r} has no scorer (known: {', '.join(REWARD_FNS)})")
-    self.score_fn = REWARD_FNS[cfg.data.source]
+                       f"{cfg.data.source!r} has no scorer (known: {', '.join(REWARD_FNS)}); "
+                       f"give a reward model (algorithm.reward_model=<an RM run's export>)")
     self.tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
     train_ds, self.eval_ds, _ = data_lib.load_dataset(cfg.data, self.tokenizer)
     self.prompts, self.references = train_ds.prompts_and_references(self.tokenizer)
@@ -84,11 +85,8 @@ class _Online:
     self.sampler = Sampler(self.model, SamplingConfig(
         max_new_tokens=self.alg.max_new_tokens, temperature=self.alg.temperature,
         stop_tokens=() if eos is None else (eos,), pad_id=self.pad_id))
-    self.update = jax.jit(functools.partial(grpo.train_step, model=self.model, cfg=self.alg,
-                                            opt=self.opt),
-                          in_shardings=(state_sh, None), out_shardings=(state_sh, None),
-                          donate_argnums=0)
-    self.reference = jax.jit(functools.partial(grpo.reference_logprobs, model=self.model,
+    self.state_sh = state_sh
+    self.reference = jax.jit(functools.partial(ppo.reference_logprobs, model=self.model,
                                                temperature=self.alg.temperature))
     self.fingerprint = checkpoint.fingerprint(
         data=chz.asdict(cfg.data), seed=cfg.seed, algorithm=chz.asdict(self.alg))
@@ -99,18 +97,37 @@ class _Online:
                                         keep=cfg.train.keep_checkpoints,
                                         async_save=cfg.train.async_checkpoints)
     self.state = self.ckpt.restore_or(state, self.fingerprint)
+    self.rm = None
+    self.setup_algorithm()
     self.start = int(jax.device_get(self.state.step))
     self.writer = metrics_lib.MetricsWriter(self.run_dir, resume_step=self.start,
                                             tensorboard=cfg.train.tensorboard,
                                             wandb=cfg.train.wandb,
                                             wandb_project=cfg.train.wandb_project)
     self.generations = None
-    if cfg.train.num_samples and len(self.eval_ds):
+    if cfg.train.num_samples and len(self.eval_ds) and self.score_fn is not None:
       prompts, refs = self.eval_ds.prompts_and_references(self.tokenizer, cfg.train.num_samples)
       self.generations = evaluate.Generations(
           self.model, prompts, refs, self.score_fn, self.decode,
           max_new_tokens=cfg.train.max_new_tokens, stop_tokens=self.sampler.cfg.stop_tokens,
           pad_id=self.pad_id, mesh=self.mesh)
+
+  def setup_algorithm(self) -> None:
+    self.update = jax.jit(functools.partial(grpo.train_step, model=self.model, cfg=self.alg,
+                                            opt=self.opt),
+                          in_shardings=(self.state_sh, None),
+                          out_shardings=(self.state_sh, None), donate_argnums=0)
+
+  def save(self, n: int, final: bool) -> None:
+    if final:
+      self.ckpt.save(n, self.state, self.fingerprint)
+      self.ckpt.wait()
+    else:
+      self.ckpt.maybe_save(n, self.state, self.fingerprint)
+
+  def close(self) -> None:
+    self.ckpt.close()
+    self.writer.close()
 
   def decode(self, ids) -> str:
     return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -128,22 +145,32 @@ class _Online:
     params = combine_params(self.state.trainable, self.state.frozen)
     gen = self.sampler(params, jnp.asarray(prompt_BxP), jnp.asarray(mask_BxP), rng)
     tokens_BxN, lengths_B, done_B = jax.device_get((gen.tokens_BxN, gen.lengths_B, gen.done_B))
-    texts = [self.decode(row[:n]) for row, n in zip(tokens_BxN, lengths_B)]
-    scores_B = np.array([self.score_fn(t, self.references[i]) for t, i in zip(texts, idx)],
-                        np.float32)
-    penalised_B = scores_B - alg.missing_eos_penalty * (~done_B)
-    batch = grpo.rollout_batch(jnp.asarray(prompt_BxP), jnp.asarray(mask_BxP), gen.tokens_BxN,
-                               gen.lengths_B)
+    batch = ppo.rollout_batch(jnp.asarray(prompt_BxP), jnp.asarray(mask_BxP), gen.tokens_BxN,
+                              gen.lengths_B)
     batch["old_logprobs"] = gen.logprobs_BxN
-    batch["advantages"] = ppo.group_advantages(jnp.asarray(penalised_B), alg.group_size,
-                                               alg.baseline)
-    # Always measured (objective/kl is the run's main health signal); in the loss only with
-    # kl_coef > 0.
+    # Always measured (objective/kl is the run's main health signal).
     batch["ref_logprobs"] = self.reference(self.state, batch)
-    return batch, {"objective/scores": float(penalised_B.mean()),
-                   "rollout/accuracy": float(scores_B.mean()),
-                   "rollout/eos_fraction": float(done_B.mean()),
-                   "rollout/length": float(lengths_B.mean())}
+    row = {"rollout/eos_fraction": float(done_B.mean()),
+           "rollout/length": float(lengths_B.mean())}
+    if self.score_fn is not None:
+      texts = [self.decode(r[:n]) for r, n in zip(tokens_BxN, lengths_B)]
+      task_B = np.array([self.score_fn(t, self.references[i]) for t, i in zip(texts, idx)],
+                        np.float32)
+      row["rollout/accuracy"] = float(task_B.mean())
+    scores_B = self.reward_scores(batch) if self.rm is not None else task_B
+    scores_B = np.asarray(scores_B) - alg.missing_eos_penalty * (~done_B)
+    return batch, scores_B, row
+
+  def reward_scores(self, batch) -> np.ndarray:
+    raise NotImplementedError  # PPO's reward model (_PPO); GRPO scores with the task
+
+  def learn(self, step: int, batch: dict[str, Any], scores_B: np.ndarray) -> dict[str, Any]:
+    """GRPO / RLOO: group advantages, `epochs` updates on the whole batch."""
+    batch["advantages"] = ppo.group_advantages(jnp.asarray(scores_B), self.alg.group_size,
+                                               self.alg.baseline)
+    for _ in range(self.alg.epochs):
+      self.state, metrics = self.update(self.state, batch)
+    return {"objective/scores": float(scores_B.mean()), **jax.device_get(metrics)}
 
   def loop(self) -> dict[str, Any]:
     cfg, tcfg = self.cfg, self.cfg.train
@@ -153,10 +180,8 @@ class _Online:
       with sharding_context(self.mesh), stop.installed():
         for i in range(self.start, cfg.steps):
           started = time.perf_counter()
-          batch, row = self.rollout(i)
-          for _ in range(self.alg.epochs):
-            self.state, metrics = self.update(self.state, batch)
-          row.update({k: float(v) for k, v in jax.device_get(metrics).items()})
+          batch, scores_B, row = self.rollout(i)
+          row.update({k: float(v) for k, v in self.learn(i, batch, scores_B).items()})
           row["perf/episodes_per_sec"] = len(batch["tokens"]) / (time.perf_counter() - started)
           n = i + 1
           if tcfg.eval_every and (n % tcfg.eval_every == 0 or n == cfg.steps) and (
@@ -169,17 +194,14 @@ class _Online:
           if n == cfg.steps or (tcfg.log_every and n % tcfg.log_every == 0) or "eval/accuracy" in row:
             self.writer.write(n, row)
           last = row
-          self.ckpt.maybe_save(n, self.state, self.fingerprint)
+          self.save(n, final=bool(stop))
           if stop:
-            self.ckpt.save(n, self.state, self.fingerprint)
-            self.ckpt.wait()
             print(f"[jrlhf] stopped by signal after step {n}; run the same command again to "
                   f"continue.", file=sys.stderr, flush=True)
             raise SystemExit(128 + stop.signum)
-        self.ckpt.save(cfg.steps, self.state, self.fingerprint)
+        self.save(cfg.steps, final=True)
     finally:
-      self.ckpt.close()
-      self.writer.close()
+      self.close()
     if jax.process_index() == 0:
       print(f"[jrlhf] metrics:    {self.writer.path}")
       print(f"[jrlhf] checkpoint: {self.run_dir / 'checkpoints'}/{cfg.steps}")
@@ -188,4 +210,7 @@ class _Online:
 
 def train(cfg, run_dir: pathlib.Path) -> dict[str, Any]:
   """Runs (or resumes) the online-RL config `cfg` in `run_dir`; returns the last step's row."""
-  return _Online(cfg, run_dir).loop()
+  from jrlhf.train.ppo_critic import PPORun  # noqa: PLC0415 - PPO's critic builds on _Online
+
+  cls = PPORun if isinstance(cfg.algorithm, ppo.PPOConfig) else _Online
+  return cls(cfg, run_dir).loop()

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jrlhf.algorithms import grpo
+from jrlhf.algorithms import ppo
 from jrlhf.models import ModelConfig, Transformer
 from jrlhf.models.generate import Sampler, SamplingConfig
 from jrlhf.sample import left_pad
@@ -30,9 +30,9 @@ def test_rollout_logprobs_equal_a_forward_pass_and_stop_at_eos():
   cfg = SamplingConfig(max_new_tokens=12, temperature=0.7, stop_tokens=(3,), pad_id=0)
   gen = Sampler(model, cfg)(params, jnp.asarray(prompt_BxP), jnp.asarray(mask_BxP),
                             jax.random.PRNGKey(1))
-  batch = grpo.rollout_batch(jnp.asarray(prompt_BxP), jnp.asarray(mask_BxP), gen.tokens_BxN,
+  batch = ppo.rollout_batch(jnp.asarray(prompt_BxP), jnp.asarray(mask_BxP), gen.tokens_BxN,
                              gen.lengths_B)
-  logp_BxN = grpo.response_logprobs(model, params, batch, cfg.temperature)
+  logp_BxN = ppo.response_logprobs(model, params, batch, cfg.temperature)
   mask_BxN = np.asarray(batch["response_mask"])
   np.testing.assert_allclose(np.asarray(logp_BxN)[mask_BxN],
                              np.asarray(gen.logprobs_BxN)[mask_BxN], atol=1e-4)

@@ -1,0 +1,59 @@
+"""The online loop end to end on the embedded task (tiny random-init model, a few steps): GRPO
+and PPO run, log TRL's metric names, stay on-policy on the first update, and resume exactly."""
+
+import os
+import signal
+from unittest import mock
+
+import chz
+import pytest
+
+from jrlhf.algorithms.grpo import GRPOConfig
+from jrlhf.algorithms.ppo import PPOConfig
+from jrlhf.train import online
+from tests.train.test_loop import config, deterministic, read
+
+ALGORITHMS = {
+    "grpo": GRPOConfig(group_size=4, prompts_per_step=4, max_new_tokens=8),
+    "ppo": PPOConfig(prompts_per_step=8, max_new_tokens=8, num_ppo_epochs=1,
+                     num_mini_batches=1),
+}
+
+
+def online_config(name, **train):
+  cfg = config(steps=3, eval_every=3, checkpoint_every=1, num_samples=4, max_new_tokens=8,
+               **train)
+  return chz.replace(cfg, algorithm=ALGORITHMS[name])
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_online_run_logs_trl_metrics_and_resumes_exactly(tmp_path, name):
+  cfg = online_config(name)
+  whole = online.train(cfg, tmp_path / "whole")
+  assert whole["step"] == 3 and "eval/accuracy" in whole
+  rows = read(tmp_path / "whole" / "metrics.jsonl")
+  first = rows[0]
+  for key in ("objective/scores", "objective/kl", "policy/clipfrac", "val/ratio",
+              "rollout/eos_fraction", "perf/episodes_per_sec"):
+    assert key in first, key
+  # One update per rollout batch: the ratio to the sampling policy is exactly 1 (the sampler's
+  # logprobs are the trainer's), so nothing is clipped and the KL to the start is 0 at step 1.
+  assert first["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+  assert first["policy/clipfrac"] == 0.0
+  assert abs(first["objective/kl"]) < 1e-4
+  if name == "ppo":
+    assert {"loss/value", "objective/rlhf_reward", "objective/non_score_reward"} <= set(first)
+
+  # SIGTERM during step 2 (a preemption): it finishes, saves and exits; the same command then
+  # continues from step 2 with the same metrics.
+  rollout = online._Online.rollout
+
+  def preempted(self, step):
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return rollout(self, step)
+
+  with mock.patch.object(online._Online, "rollout", preempted), pytest.raises(SystemExit):
+    online.train(cfg, tmp_path / "split")
+  online.train(cfg, tmp_path / "split")
+  assert deterministic(read(tmp_path / "split" / "metrics.jsonl")) == deterministic(rows)
