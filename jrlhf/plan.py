@@ -29,6 +29,8 @@ import chz
 import jax
 import jax.numpy as jnp
 
+from jrlhf.algorithms.dpo import DPOConfig
+from jrlhf.algorithms.rm import RMConfig
 from jrlhf.algorithms.sft import SFTConfig
 from jrlhf.models import ModelConfig
 
@@ -160,13 +162,25 @@ def sft_batch(cfg, rows: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
   return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding) for k, dt in dtypes.items()}
 
 
-# Offline algorithms' batches (RM and DPO add theirs here).
-BATCHES: dict[type, Callable] = {SFTConfig: sft_batch}
+# Offline algorithms' batches. RM and DPO batches hold `[chosen; rejected]` rows with the same
+# fields (jrlhf.data.preference), so data.batch_size pairs make 2 * batch_size rows.
+BATCHES: dict[type, Callable] = {SFTConfig: sft_batch, RMConfig: sft_batch, DPOConfig: sft_batch}
+PAIRS = (RMConfig, DPOConfig)
 
 
 def rows_per_step(cfg) -> int:
   # Gradient accumulation packs grad_accum micro-batches into one batch of B*A rows.
-  return cfg.data.batch_size * cfg.optim.grad_accum
+  pairs = 2 if isinstance(cfg.algorithm, PAIRS) else 1
+  return pairs * cfg.data.batch_size * cfg.optim.grad_accum
+
+
+def _state_options(cfg) -> dict[str, Any]:
+  """What the run's state holds beyond the params: a scalar head (RM), a frozen reference copy
+  (DPO under full fine-tuning) — as the loop builds it."""
+  from jrlhf.train import loop  # noqa: PLC0415
+
+  algorithm = loop.algorithm_for(cfg.algorithm)
+  return {"head": algorithm.head, "reference": algorithm.needs_reference(cfg.algorithm)}
 
 
 def build_train_step(cfg, mesh) -> tuple[Any, tuple]:
@@ -185,7 +199,8 @@ def build_train_step(cfg, mesh) -> tuple[Any, tuple]:
                     f"mesh's data*fsdp axes; use a multiple of {ways} rows per step, or set "
                     f"mesh.tensor to take some of the chips")
   opt = make_optimizer(cfg.optim, cfg.steps)
-  model, state = abstract_state(cfg.model, opt, mesh, seed=cfg.seed, peft=cfg.peft)
+  model, state = abstract_state(cfg.model, opt, mesh, seed=cfg.seed, peft=cfg.peft,
+                                **_state_options(cfg))
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   step = loop.jit_train_step(loop.algorithm_for(cfg.algorithm), model, cfg.algorithm, opt,
                              state_sh, mesh)
@@ -205,13 +220,17 @@ def train_step_flops(cfg) -> float:
   counted without the causal discount). Forward 2NT, backward 2NT for the activation gradients
   plus 2NT for weight gradients, which a frozen (PEFT) base does not compute."""
   m, tokens = cfg.model, rows_per_step(cfg) * cfg.data.max_length
-  dense = (6 if cfg.peft.full else 4) * matmul_params(m) * tokens
-  attention = 12 * m.num_layers * m.num_heads * m.head_dim * cfg.data.max_length * tokens
+  passes = 6 if cfg.peft.full else 4
+  if isinstance(cfg.algorithm, DPOConfig) and cfg.algorithm.needs_reference:
+    passes += 2  # the reference's forward over the same rows
+  dense = passes * matmul_params(m) * tokens
+  attention = 2 * passes * m.num_layers * m.num_heads * m.head_dim * cfg.data.max_length * tokens
   return float(dense + attention)
 
 
 TRAIN_STEP = Program("train_step", build_train_step, train_step_flops)
-PROGRAMS: dict[type, tuple[Program, ...]] = {SFTConfig: (TRAIN_STEP,)}
+PROGRAMS: dict[type, tuple[Program, ...]] = {SFTConfig: (TRAIN_STEP,), RMConfig: (TRAIN_STEP,),
+                                             DPOConfig: (TRAIN_STEP,)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +358,7 @@ def make_plan(cfg, target: Target, *, costs: bool = True) -> Plan:
   except ValueError as e:
     raise PlanError(f"plan={target.spec} ({target.chips} devices): {e}") from None
   _, state = abstract_state(cfg.model, make_optimizer(cfg.optim, cfg.steps), mesh, seed=cfg.seed,
-                            peft=cfg.peft)
+                            peft=cfg.peft, **_state_options(cfg))
   state_bytes = {k: _tree_bytes(getattr(state, k)) for k in ("trainable", "frozen", "opt_state")}
   trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
   return Plan(target, dict(mesh.shape), state_bytes, trainable,
