@@ -6,8 +6,10 @@ experiment=tiny/sft train.export=true` first). Rewards are the task's exact-matc
 the per-token KL to the frozen start; a separate critic starts from the SFT model with a zero
 value head. `objective/scores` is the sampled (T = 0.7) accuracy, `objective/kl` the summed KL
 to the start per response, `val/ratio` stays near 1, `eval/accuracy` is greedy exact match on
-256 held-out prompts.
-Hardware: 2 CPU cores, about 5 minutes.
+256 held-out prompts. Measured (this file as is): KL to the start 0.1-0.45, val/ratio 0.98-0.99,
+value loss 0.18 -> 0.03, but eval/accuracy 0.703 (the SFT start) -> 0.691 (step 30) -> 0.688
+(step 60): these settings do not yet improve on the SFT model (GRPO does: tiny/grpo).
+Hardware: 2 CPU cores, about 6 minutes.
 """
 
 CONFIG = {
