@@ -164,7 +164,15 @@ def sft_batch(cfg, rows: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
 
 # Offline algorithms' batches. RM and DPO batches hold `[chosen; rejected]` rows with the same
 # fields (jrlhf.data.preference), so data.batch_size pairs make 2 * batch_size rows.
-BATCHES: dict[type, Callable] = {SFTConfig: sft_batch, RMConfig: sft_batch, DPOConfig: sft_batch}
+def dpo_batch(cfg, rows: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """Pair rows; with `precompute_ref`, the cached reference logps ride along per row."""
+  batch = sft_batch(cfg, rows, sharding)
+  if cfg.algorithm.precompute_ref and cfg.algorithm.needs_reference:
+    batch["ref_logps"] = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sharding)
+  return batch
+
+
+BATCHES: dict[type, Callable] = {SFTConfig: sft_batch, RMConfig: sft_batch, DPOConfig: dpo_batch}
 PAIRS = (RMConfig, DPOConfig)
 
 
@@ -221,7 +229,8 @@ def train_step_flops(cfg) -> float:
   plus 2NT for weight gradients, which a frozen (PEFT) base does not compute."""
   m, tokens = cfg.model, rows_per_step(cfg) * cfg.data.max_length
   passes = 6 if cfg.peft.full else 4
-  if isinstance(cfg.algorithm, DPOConfig) and cfg.algorithm.needs_reference:
+  if (isinstance(cfg.algorithm, DPOConfig) and cfg.algorithm.needs_reference
+      and not cfg.algorithm.precompute_ref):
     passes += 2  # the reference's forward over the same rows
   dense = passes * matmul_params(m) * tokens
   attention = 2 * passes * m.num_layers * m.num_heads * m.head_dim * cfg.data.max_length * tokens
