@@ -8,7 +8,10 @@ import os
 # the rendezvous times out (seen: a prompt-tuned train step on a (1, 2, 4) mesh aborts).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+    " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    # Eight device threads share two cores with the other tests' processes; the default 40 s
+    # before a collective is declared stuck is short on a loaded CI machine.
+    " --xla_cpu_collective_call_terminate_timeout_seconds=300").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
