@@ -152,6 +152,9 @@ class Program(NamedTuple):
   name: str
   build: Callable[[Any, Any], tuple[Any, tuple]]
   model_flops: Callable[[Any], float]
+  # False for a program around a data-dependent loop (the sampler's decode): XLA counts the
+  # body once, so only the model FLOPs are reported.
+  compiler_costs: bool = True
 
 
 def sft_batch(cfg, rows: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
@@ -187,6 +190,8 @@ def _state_options(cfg) -> dict[str, Any]:
   (DPO under full fine-tuning) — as the loop builds it."""
   from jrlhf.train import loop  # noqa: PLC0415
 
+  if type(cfg.algorithm) not in loop.ALGORITHMS:
+    return {"reference": True}  # online RL: the policy, with a frozen start for the KL
   algorithm = loop.algorithm_for(cfg.algorithm)
   return {"head": algorithm.head, "reference": algorithm.needs_reference(cfg.algorithm)}
 
@@ -322,7 +327,8 @@ def plan_program(program: Program, cfg, mesh, *, costs: bool = True) -> ProgramP
     return ProgramPlan(program.name, {}, None, None, program.model_flops(cfg),
                        time.perf_counter() - start, error=str(e).strip().splitlines()[0][:600])
   seconds = time.perf_counter() - start
-  flops, est = _depth_cost(program, cfg, mesh) if costs else (None, None)
+  flops, est = (_depth_cost(program, cfg, mesh) if costs and program.compiler_costs
+                else (None, None))
   return ProgramPlan(program.name, _memory(compiled), flops, est, program.model_flops(cfg),
                      seconds)
 
@@ -359,7 +365,9 @@ def make_plan(cfg, target: Target, *, costs: bool = True) -> Plan:
   from jrlhf.train.optimizer import make_optimizer  # noqa: PLC0415
   from jrlhf.train.state import abstract_state  # noqa: PLC0415
 
-  programs = PROGRAMS.get(type(cfg.algorithm))
+  from jrlhf import plan_online  # noqa: PLC0415 - online RL's programs build on this module
+
+  programs = PROGRAMS.get(type(cfg.algorithm)) or plan_online.PROGRAMS.get(type(cfg.algorithm))
   if programs is None:
     raise PlanError(f"no plan yet for {type(cfg.algorithm).__name__}")
   try:
@@ -378,6 +386,16 @@ def make_plan(cfg, target: Target, *, costs: bool = True) -> Plan:
 # The report a user reads.
 
 
+def _batch_line(cfg) -> str:
+  alg = cfg.algorithm
+  if hasattr(alg, "max_new_tokens"):  # online RL: rollouts of prompt width + response length
+    rows = alg.prompts_per_step * alg.group_size
+    return (f"{rows} rollouts x ({cfg.data.max_length} prompt + {alg.max_new_tokens} new) "
+            f"tokens per step")
+  return (f"batch {rows_per_step(cfg)} x {cfg.data.max_length} per step (grad_accum "
+          f"{cfg.optim.grad_accum})")
+
+
 def fmt_bytes(n: float) -> str:
   return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
 
@@ -393,8 +411,7 @@ def describe(plan: Plan, cfg) -> str:
   m = cfg.model
   lines = [
       f"plan {cfg.experiment or '(defaults)'} for {t.spec}: {t.description}, {budget} per chip",
-      f"  mesh {mesh}; batch {rows_per_step(cfg)} x {cfg.data.max_length} per step "
-      f"(grad_accum {cfg.optim.grad_accum}); peft={type(cfg.peft).__name__}; params "
+      f"  mesh {mesh}; {_batch_line(cfg)}; peft={type(cfg.peft).__name__}; params "
       f"{m.param_dtype}, compute {m.dtype}, remat={m.remat}",
       "  state (all chips): " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in
                                           plan.state_bytes.items())

@@ -75,3 +75,19 @@ def test_plan_is_never_part_of_a_run():
   assert config.run_name("tiny/sft", {"plan": "cpu", "seed": "1"}) == "tiny-sft,seed=1"
   assert "plan" in config.NOT_IN_EXPERIMENT
   assert plan.parse_size("16GB") == 16 * 2**30 == plan.parse_size("16GiB")
+
+
+def test_online_rl_plans_the_rollout_and_the_updates():
+  from jrlhf import plan as plan_lib
+  from jrlhf.config import resolve
+
+  cfg = resolve("tiny/ppo", {"algorithm.prompts_per_step": "16", "algorithm.num_mini_batches": "2",
+                             "model.num_layers": "1"})
+  plan = plan_lib.make_plan(cfg, plan_lib.parse_target("cpu"), costs=False)
+  names = [p.name for p in plan.programs]
+  assert names == ["rollout", "policy_step", "critic_step"]
+  for p in plan.programs:
+    assert p.memory["total"] > 0 and p.model_flops > 0
+  # The rollout's FLOPs are the model count over prompt + response tokens (16 rollouts).
+  expected = 2 * plan_lib.matmul_params(cfg.model) * 16 * (64 + cfg.algorithm.max_new_tokens)
+  assert plan.programs[0].model_flops == expected

@@ -22,6 +22,8 @@ CONFIG = {
     "algorithm.kl_coef": 0.05,
     "data.source": "tiny",
     "data.tokenizer": "tiny",
+    # Prompts are ~20 tokens; a plan (plan=...) takes this as the prompt width.
+    "data.max_length": 64,
     "model.hidden_size": 128,
     "model.num_layers": 2,
     "model.num_heads": 4,
