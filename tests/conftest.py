@@ -19,3 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# One program at a time on the fake devices: with async dispatch a program can start on some
+# device threads while others still run the previous one, and their collectives have then waited
+# on each other until the rendezvous timed out (seen intermittently on this 2-core machine).
+jax.config.update("jax_cpu_enable_async_dispatch", False)
