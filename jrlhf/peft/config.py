@@ -34,7 +34,8 @@ class FullFinetune:
 
   @property
   def full(self) -> bool:
-    return True
+    """Full fine-tuning: every method subclasses this class, so only this class itself is."""
+    return type(self) is FullFinetune
 
   @property
   def train_regex(self) -> str | None:
@@ -100,10 +101,6 @@ class LoraConfig(FullFinetune):
     self.spec()  # LoraSpec validates ranks, init and dropout
     if self.export not in ("adapter", "merged", "both"):
       raise ValueError(f"peft.export={self.export!r} is not one of adapter, merged, both")
-
-  @property
-  def full(self) -> bool:
-    return False
 
   @property
   def export_kinds(self) -> tuple[str, ...]:
@@ -204,10 +201,6 @@ class AdapterConfig(FullFinetune):
       raise ValueError(f"peft.reduction_factor={self.reduction_factor} must be >= 1 (0 = default)")
 
   @property
-  def full(self) -> bool:
-    return False
-
-  @property
   def export_kinds(self) -> tuple[str, ...]:
     return ()  # nonlinear: no merged model, and no PEFT-library format for these adapters
 
@@ -223,10 +216,6 @@ class AdapterConfig(FullFinetune):
 @chz.chz
 class IA3Config(FullFinetune):
   """peft=ia3: learned scales (init 1) on k, v and the MLP down-projection's input."""
-
-  @property
-  def full(self) -> bool:
-    return False
 
   @property
   def export_kinds(self) -> tuple[str, ...]:
@@ -249,10 +238,6 @@ class _VirtualTokens(FullFinetune):
   def _check_tokens(self):
     if self.num_virtual_tokens < 1:
       raise ValueError(f"peft.num_virtual_tokens={self.num_virtual_tokens} must be >= 1")
-
-  @property
-  def full(self) -> bool:
-    return False
 
   @property
   def train_regex(self) -> str | None:
