@@ -24,6 +24,16 @@ LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".cs
 MAX_REASONS = 5
 
 
+def skip_malformed(error: Exception, index: int, strict: bool, reasons: list[str]) -> None:
+  """A malformed row: an error with `data.strict`, else a skip whose reason is kept (the first
+  MAX_REASONS); the caller counts it."""
+  if strict:
+    raise ValueError(f"row {index}: {error} (data.strict=false skips and counts such rows)"
+                     ) from error
+  if len(reasons) < MAX_REASONS:
+    reasons.append(f"row {index}: {error}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitStats:
   """What happened to the rows of one split. `reasons`: the first few skips, with row index."""
@@ -151,11 +161,8 @@ def tokenize_rows(rows: Iterable[dict], fmt: str, encoder: Encoder, *, max_lengt
     try:
       ids, mask = encoder.encode(row, fmt)
     except MalformedRow as e:
-      if strict:
-        raise ValueError(f"row {n - 1}: {e} (data.strict=false skips and counts such rows)") from e
+      skip_malformed(e, n - 1, strict, reasons)
       skipped += 1
-      if len(reasons) < MAX_REASONS:
-        reasons.append(f"row {n - 1}: {e}")
       continue
     if len(ids) > max_length:
       ids, mask = ids[:max_length], mask[:max_length]

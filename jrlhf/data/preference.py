@@ -27,9 +27,9 @@ import numpy as np
 
 from jrlhf.data import tiny_task
 from jrlhf.data.config import TINY, DataConfig
-from jrlhf.data.dataset import MAX_REASONS, SplitStats, TokenizedDataset, load_rows
+from jrlhf.data.dataset import SplitStats, TokenizedDataset, load_rows, skip_malformed
 from jrlhf.data.encode import Encoder
-from jrlhf.data.formats import MalformedRow  # noqa: F401 - raised to callers
+from jrlhf.data.formats import MalformedRow
 from jrlhf.data.packing import bucket_for, bucket_lengths
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -109,11 +109,8 @@ def tokenize_pairs(rows, encoder: Encoder, *, max_length: int, strict: bool = Fa
       ct, cm = encoder.encode({"prompt": prompt, "completion": chosen}, "prompt_completion")
       rt, rm = encoder.encode({"prompt": prompt, "completion": rejected}, "prompt_completion")
     except MalformedRow as e:
-      if strict:
-        raise ValueError(f"row {n - 1}: {e} (data.strict=false skips and counts such rows)") from e
+      skip_malformed(e, n - 1, strict, reasons)
       skipped += 1
-      if len(reasons) < MAX_REASONS:
-        reasons.append(f"row {n - 1}: {e}")
       continue
     if max(len(ct), len(rt)) > max_length:
       dropped += 1
