@@ -19,6 +19,7 @@ import json
 import os
 import re
 import runpy
+import typing
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -105,6 +106,9 @@ class Config:
       "peft", FullFinetune, PEFT_METHODS,
       doc=f"one of: {', '.join(PEFT_METHODS)} (none = full fine-tuning)")
   mesh: MeshConfig = _group("mesh", MeshConfig)
+  rollout_mesh: MeshConfig | None = chz.field(
+      default=None, doc="online RL: the sampler's mesh over the same devices (e.g. "
+      "rollout_mesh.fsdp=1 rollout_mesh.tensor=8); None = the same as mesh")
   dist: DistConfig = _group("dist", DistConfig)
   steps: int = chz.field(default=1000, doc="optimizer steps")
   seed: int = chz.field(default=0, doc="seeds init, data order and sampling")
@@ -136,6 +140,14 @@ def _polymorphic(cls: type = Config) -> dict[str, _Named]:
   return out
 
 
+def optional_group(typ: Any) -> type | None:
+  """The config class of a `SomeConfig | None` field (`rollout_mesh`), else None."""
+  args = [a for a in typing.get_args(typ) if a is not type(None)]
+  if type(None) in typing.get_args(typ) and len(args) == 1 and chz.is_chz(args[0]):
+    return args[0]
+  return None
+
+
 def _walk(obj: Any, prefix: str, out: dict[str, tuple[Any, Any]]) -> None:
   for field in chz.chz_fields(obj).values():
     key = prefix + field.logical_name
@@ -143,6 +155,9 @@ def _walk(obj: Any, prefix: str, out: dict[str, tuple[Any, Any]]) -> None:
     out[key] = (field.x_type, value)
     if chz.is_chz(value):
       _walk(value, key + ".", out)
+    elif value is None and optional_group(field.x_type):
+      # Unset (None) by default, yet its keys are valid: `rollout_mesh.tensor=8` builds one.
+      _walk(optional_group(field.x_type)(), key + ".", out)
 
 
 def key_table(selected: Mapping[str, str] | None = None, cls: type = Config) -> dict[str, tuple]:
