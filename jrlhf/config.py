@@ -246,9 +246,14 @@ def experiment_path(name: str, root: Path = EXPERIMENTS_DIR) -> Path:
   return root / f"{name}.py"
 
 
-def list_experiments(root: Path = EXPERIMENTS_DIR) -> list[str]:
-  return sorted(str(p.relative_to(root).with_suffix(""))
-                for p in root.rglob("*.py") if not p.name.startswith("_"))
+# experiments/ablations/ holds studies (`jrlhf.study`: STUDY dicts), not single runs.
+STUDIES = "ablations"
+
+
+def list_experiments(root: Path = EXPERIMENTS_DIR, studies: bool = False) -> list[str]:
+  """Experiment names (`tiny/sft`), or with `studies=True` the study names (`ablations/peft`)."""
+  names = (p.relative_to(root) for p in root.rglob("*.py") if not p.name.startswith("_"))
+  return sorted(str(n.with_suffix("")) for n in names if (n.parts[0] == STUDIES) == studies)
 
 
 def load_experiment(name: str, root: Path = EXPERIMENTS_DIR) -> tuple[str, dict[str, Any]]:
