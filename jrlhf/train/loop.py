@@ -238,7 +238,7 @@ class _Run:
     self.last_train: dict[str, Any] = {}
     self.last_eval: dict[str, Any] = {}
     # Throughput since the last logged row (the first window includes compilation).
-    self.window_start, self.window_tokens = time.perf_counter(), 0
+    self.window_start, self.window_tokens, self.window_steps = time.perf_counter(), 0, 0
 
   def _count_trace(self):
     self.traces += 1
@@ -257,6 +257,7 @@ class _Run:
     if not math.isfinite(m["loss"]):
       self.stop_non_finite(n, m["loss"])
     self.window_tokens += tokens_in
+    self.window_steps += 1
     now = time.perf_counter()
     rate = self.window_tokens / max(now - self.window_start, 1e-9)
     self.bar.update(1)
@@ -264,8 +265,9 @@ class _Run:
     self.last_train = m
     if not self.due(n, self.tcfg.log_every):
       return {}
-    self.window_start, self.window_tokens = now, 0
-    return {**m, "perf/tokens_per_sec": rate}
+    step_time = (now - self.window_start) / max(self.window_steps, 1)
+    self.window_start, self.window_tokens, self.window_steps = now, 0, 0
+    return {**m, "perf/tokens_per_sec": rate, "perf/step_time_s": step_time}
 
   def stop_non_finite(self, n: int, loss: float):
     earlier = self.ckpt.all_steps()
@@ -337,7 +339,7 @@ class _Run:
               self.writer.write(n, row)
             self.ckpt.maybe_save(n, self.state, self.data.fingerprint)
             # Eval and saving are not training throughput.
-            self.window_start, self.window_tokens = time.perf_counter(), 0
+            self.window_start, self.window_tokens, self.window_steps = time.perf_counter(), 0, 0
           if stop:
             self.ckpt.save(n, self.state, self.data.fingerprint)
             self.ckpt.wait()

@@ -74,7 +74,9 @@ def test_resume_is_exact_and_the_step_compiles_once(tmp_path):
   resumed = loop.train(cfg, tmp_path / "split")
   assert resumed["step"] == 6
 
-  rows = deterministic(read(tmp_path / "whole" / "metrics.jsonl"))
+  logged = read(tmp_path / "whole" / "metrics.jsonl")
+  assert all(r["perf/step_time_s"] > 0 and r["perf/tokens_per_sec"] > 0 for r in logged)
+  rows = deterministic(logged)
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   assert deterministic(read(tmp_path / "split" / "metrics.jsonl")) == rows
   assert read(tmp_path / "split" / "samples.jsonl") == read(tmp_path / "whole" / "samples.jsonl")
