@@ -184,6 +184,8 @@ class Transformer(nn.Module):
 
   Call: `model.apply({"params": p}, tokens_BxL, positions_BxL=None, segment_ids_BxL=None,
   attention_mask_BxL=None)`. With `cache=KVCache`, returns `(last-position output, new cache)`.
+  `return_hidden=True` (no cache) returns `(output, final-normed hidden states (B, L, D))`, for a
+  head kept outside the model (PPO's value head on the policy's trunk).
   """
 
   cfg: ModelConfig
@@ -222,8 +224,11 @@ class Transformer(nn.Module):
       self.lm_head = layers.Dense(cfg.vocab_size, ("embed", "vocab"), False, cfg, name="lm_head")
 
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None,
-               attention_mask_BxL=None, cache: KVCache | None = None):
+               attention_mask_BxL=None, cache: KVCache | None = None, return_hidden: bool = False):
     cfg = self.cfg
+    if return_hidden and cache is not None:
+      raise ValueError("return_hidden=True is for a full forward pass; decoding with a cache "
+                       "returns only the last position's output")
     b, length = tokens_BxL.shape
     t = self.num_virtual_tokens()
     if positions_BxL is None:
@@ -250,7 +255,7 @@ class Transformer(nn.Module):
       x_BxLxD, (ks, vs) = self._unstacked_layers(x_BxLxD, side, cache, prefix)
       x_BxLxD = self.final_norm(x_BxLxD)
       if cache is None:
-        return self._head(x_BxLxD)
+        return (self._head(x_BxLxD), x_BxLxD) if return_hidden else self._head(x_BxLxD)
       new_cache = KVCache(tuple(ks), tuple(vs), new_valid_BxS, cache.index + length)
       return self._head(x_BxLxD[:, -1:])[:, 0], new_cache
     side = Side(positions_BxL, self_mask_BxLxL, None if cache is None else layers.cache_mask(
@@ -259,7 +264,7 @@ class Transformer(nn.Module):
     x_BxLxD, (k_LxBxKxLxDh, v_LxBxKxLxDh) = self.layers(x_BxLxD, side, cache_kv, prefix)
     x_BxLxD = self.final_norm(x_BxLxD)
     if cache is None:
-      return self._head(x_BxLxD)
+      return (self._head(x_BxLxD), x_BxLxD) if return_hidden else self._head(x_BxLxD)
     write = lambda full, new: jax.lax.dynamic_update_slice(  # noqa: E731
         full, new.astype(full.dtype), (0, 0, 0, cache.index, 0))
     new_cache = KVCache(write(cache.k_LxBxKxSxDh, k_LxBxKxLxDh),

@@ -96,6 +96,22 @@ def test_scalar_head_on_any_backbone():
     assert values_BxL.shape == (2, 10) and values_BxL.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("unstacked", [False, True])
+def test_hidden_states_are_what_the_head_reads(unstacked):
+  model, params = init(CFG)
+  if unstacked:
+    model, params = model.clone(unstacked=True), unstack_layers(params, CFG.num_layers)
+  logits_BxLxV = model.apply({"params": params}, tokens())
+  same_BxLxV, hidden_BxLxD = model.apply({"params": params}, tokens(), return_hidden=True)
+  np.testing.assert_array_equal(same_BxLxV, logits_BxLxV)
+  assert hidden_BxLxD.shape == (2, 10, CFG.hidden_size)
+  np.testing.assert_allclose(hidden_BxLxD @ params["lm_head"]["kernel"], logits_BxLxV,
+                             rtol=1e-5, atol=1e-5)
+  cache = KVCache.empty(CFG, 2, 12)
+  with pytest.raises(ValueError, match="full forward"):
+    model.apply({"params": params}, tokens(), cache=cache, return_hidden=True)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
 def test_remat_and_unroll_change_nothing_numerically(remat):
   model, params = init(CFG)
