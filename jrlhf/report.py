@@ -1,7 +1,8 @@
 r"""Compare runs: `python -m jrlhf.report RUN_DIR... [--out DIR] [--no-plots] [--no-aggregate]
 [--xy X,Y [--series KEY]]`.
 
-Reads each run's config.json, metrics.jsonl and policy_eval.json (when there is one) and writes
+Reads each run's config.json, metrics.jsonl, policy_eval.json and plan.json (when there are) and
+writes
 to DIR (default: the run dir itself for one run, `<common parent>/report-<hash>` for several):
 
   report.md    one row per run: status, the keys whose values differ across the runs, the last
@@ -14,10 +15,12 @@ accuracy-like ones (accuracy, exact_match, reward, score, win rate); other metri
 grad_norm, tokens, ...) get only a final value. A run that crashed still gets a row: its status
 says what is missing (no config.json, no metrics, stopped at step N of M, unreadable lines).
 
-policy_eval.json, `{"step": 400, "metrics": {"policy/reward": 0.61, "policy/kl": 2.3, ...}}`,
-counts as one more metrics row at that step: its metrics get final/best columns and a last
-point on the plots. A file that does not parse is a note in the run's status (so the run is
-not ok, and is left out of the means below).
+policy_eval.json (`jrlhf.policy_eval`) and plan.json (`jrlhf.study`'s compiled-step memory),
+`{"step": 400, "metrics": {"policy/reward": 0.61, "policy/kl": 2.3, ...}}`, each count as one
+more metrics row at that step: their metrics get final/best columns and a last point on the
+plots. A file that does not parse is a note in the run's status (so the run is not ok, and is
+left out of the means below). `--metrics eval/accuracy,params/*` keeps only the metrics that
+match those names or shell patterns in the tables and plots.
 
 Seeds. When the runs differ in `seed`, the report is by configuration (the differing keys other
 than `seed`); the runs that share one are its seeds:
@@ -56,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import hashlib
 import json
 import math
@@ -70,7 +74,8 @@ MAXIMIZE = ("acc", "exact_match", "reward", "score", "win")
 MINIMIZE = ("loss", "perplexity", "ppl", "nll", "error")
 # Keys that say where a run lives, not what it trained; never a reason for two rows to differ.
 IGNORED_KEYS = ("run_dir", "print_config")
-POLICY_EVAL = "policy_eval.json"
+# Metrics written after a run, by jrlhf.policy_eval and jrlhf.study.
+POST_RUN_FILES = ("policy_eval.json", "plan.json")
 NOTE = ("best = min for loss-like metrics (loss, perplexity, nll, error), max for accuracy-like "
         "ones (accuracy, exact_match, reward, score, win); final = last logged value.")
 
@@ -138,10 +143,11 @@ def load_run(path: str | os.PathLike) -> Run:
     problems.append(f"stopped at step {run.last_step} of {steps}")
   if run.bad_lines:
     problems.append(f"{run.bad_lines} unreadable metrics lines")
-  row, problem = _read_policy_eval(run.path / POLICY_EVAL)
-  if row:
-    _insert_by_step(run.rows, row)
-  problems += [problem] if problem else []
+  for name in POST_RUN_FILES:
+    row, problem = _read_post_run(run.path / name)
+    if row:
+      _insert_by_step(run.rows, row)
+    problems += [problem] if problem else []
   run.status = "; ".join(problems) or "ok"
   return run
 
@@ -177,18 +183,33 @@ def _read_metrics(run: Run, path: Path) -> list[str]:
   return [] if run.rows else ["no metrics"]
 
 
-def _read_policy_eval(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+def _read_post_run(path: Path) -> tuple[dict[str, Any] | None, str | None]:
   """({"step": s, **metrics}, None), or (None, what is wrong); (None, None) without the file."""
   try:
     data = json.loads(path.read_text())
   except FileNotFoundError:
     return None, None
   except (OSError, ValueError) as e:
-    return None, f"bad {POLICY_EVAL} ({e.__class__.__name__})"
+    return None, f"bad {path.name} ({e.__class__.__name__})"
   if not (isinstance(data, dict) and _is_number(data.get("step"))
           and isinstance(data.get("metrics"), dict)):
-    return None, f'bad {POLICY_EVAL} (not {{"step": int, "metrics": {{name: value}}}})'
+    return None, f'bad {path.name} (not {{"step": int, "metrics": {{name: value}}}})'
   return {**data["metrics"], "step": data["step"]}, None
+
+
+def _names(value: list[str] | str) -> list[str]:
+  return [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
+
+
+def keep_only(runs: list[Run], patterns: list[str]) -> None:
+  """Drops every metric that matches none of `patterns` (names or shell patterns)."""
+  for run in runs:
+    rows = []
+    for row in run.rows:
+      kept = {k: row[k] for p in patterns for k in row if k != "step" and fnmatch.fnmatchcase(k, p)}
+      if kept:
+        rows.append({"step": row.get("step"), **kept})
+    run.rows = rows
 
 
 def _insert_by_step(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
@@ -354,7 +375,7 @@ def default_out(paths: list[Path]) -> Path:
 
 def report(paths: list[str | os.PathLike], out: str | os.PathLike | None = None,
            with_plots: bool = True, *, aggregate: bool = True, xy: Any = None,
-           series: str | None = None) -> Path:
+           series: str | None = None, metrics: list[str] | str | None = None) -> Path:
   """Write report.md, report.csv, plots/ (and runs.csv, frontier.*: see the module docstring)
   for the runs; returns the output dir."""
   from jrlhf import report_aggregate as agg  # noqa: PLC0415 (it builds on this module)
@@ -362,11 +383,15 @@ def report(paths: list[str | os.PathLike], out: str | os.PathLike | None = None,
   paths = [Path(p) for p in paths]
   runs = [load_run(p) for p in paths]
   pairs = agg.parse_xy(xy)
+  if metrics:
+    keep_only(runs, [*_names(metrics), *(m for pair in pairs for m in pair)])
   agg.check_frontier_args(runs, pairs, series)
   out = Path(out) if out else default_out(paths)
   out.mkdir(parents=True, exist_ok=True)
   header, rows = table(runs)
   metrics = metric_names(runs)
+  if not metrics:
+    raise ReportError("no metrics left to report (check --metrics against metrics.jsonl)")
   if aggregate and "seed" in differing_keys(runs):
     keys, groups = agg.by_configuration(runs)
     summary = agg.summary_table(keys, groups, metrics)
@@ -399,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--xy", action="append", metavar="X,Y",
                       help="plot metric Y against metric X, a point per configuration "
                            "(repeatable; writes frontier.md/.csv)")
+  parser.add_argument("--metrics", metavar="M,M",
+                      help="only these metrics (names or shell patterns, comma-separated)")
   parser.add_argument("--series", metavar="KEY",
                       help="config key whose value names a --xy series (e.g. algorithm)")
   args = parser.parse_args(argv)
@@ -411,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
   try:
     out = report(args.runs, args.out, with_plots=not args.no_plots,
-                 aggregate=not args.no_aggregate, xy=args.xy, series=args.series)
+                 aggregate=not args.no_aggregate, xy=args.xy, series=args.series,
+                 metrics=args.metrics)
   except ReportError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

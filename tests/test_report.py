@@ -360,3 +360,22 @@ def test_xy_forms_and_series_without_xy(seeded, tmp_path, capsys):
   assert report.main(args + ["--series", "algorithm"]) == 0
   assert "only names the series of --xy" in capsys.readouterr().err
   assert not (tmp_path / "cli" / "frontier.csv").exists()
+
+
+def test_plan_json_and_a_metrics_filter_make_the_peft_table(tmp_path):
+  paths = []
+  for name, trainable, gib in (("full", 1e6, 0.5), ("lora", 2e4, 0.1)):
+    path = make_run(tmp_path, name, {"peft": name}, curve(3.0, 0.1))
+    (path / "plan.json").write_text(json.dumps(
+        {"step": 4, "metrics": {"params/trainable": trainable, "memory/train_step_gib": gib}}))
+    paths.append(path)
+  out = report.report(paths, tmp_path / "out", metrics="eval/exact_match,params/*,memory/*")
+  header, rows = read_csv(out / "report.csv")
+  assert header == ["run", "status", "peft", "step", "final eval/exact_match",
+                    "best eval/exact_match (max)", "final params/trainable",
+                    "final memory/train_step_gib"]
+  assert [float(r["final params/trainable"]) for r in rows] == [1e6, 2e4]
+  assert sorted(p.name for p in (out / "plots").iterdir()) == [
+      "eval-exact_match.png", "memory-train_step_gib.png", "params-trainable.png"]
+  with pytest.raises(report.ReportError, match="no metrics left"):
+    report.report(paths, tmp_path / "none", metrics="nothing/*")
