@@ -27,7 +27,8 @@ STUDY = {
     },
     "seeds": 1,
     "policy_eval": {"prompts": 256, "samples": 4},
-    "report": {"xy": ["policy/kl,policy/reward"], "series": "algorithm"},
+    "report": {"xy": ["policy/kl,policy/reward"], "series": "algorithm",
+               "metrics": "policy/*,eval/accuracy,objective/kl,objective/scores"},
     "reduced": {
         "common": {"train.num_samples": 8, "train.max_new_tokens": 8, "train.log_every": 1},
         "arms": {

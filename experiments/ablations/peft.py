@@ -40,5 +40,5 @@ STUDY = {
     },
     "seeds": 1,
     "plan": "cpu",
-    "report": {"series": "algorithm"},
+    "report": {"metrics": "eval/accuracy,params/trainable,memory/train_step_gib,perf/step_time_s"},
 }
