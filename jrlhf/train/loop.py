@@ -180,6 +180,23 @@ def jit_train_step(algorithm: Algorithm, model, algorithm_cfg, opt, state_sh, me
                  out_shardings=(state_sh, None), donate_argnums=0)
 
 
+def export_params(cfg, model, params: Any, directory: pathlib.Path) -> None:
+  """A run's final params as its PEFT method allows: an HF checkpoint (merged) and/or a PEFT
+  adapter under `directory` (every trainer's `train.export=true`)."""
+  kinds = cfg.peft.export_kinds
+  if "adapter" in kinds:
+    cfg.peft.save_adapter(directory / "adapter", params, model, cfg.init_from or "")
+  if "merged" in kinds:
+    if any(isinstance(x, quant.QuantizedWeight) for x in jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, quant.QuantizedWeight))) and (
+            jax.process_index() == 0):
+      print("[jrlhf] warning: the merged export dequantizes the 4-bit base: its weights are "
+            "the rounded ones the adapter was trained on, not the original 16-bit model; "
+            "export the adapter (peft.export=adapter) to apply it to the original",
+            file=sys.stderr, flush=True)
+    checkpoint.export_hf(directory, model, jax.jit(peft_config.merged_params)(params))
+
+
 def _full_params(state) -> Any:
   """The whole param tree (trainable merged with frozen), for sampling and export."""
   return combine_params(state.trainable, state.frozen)
@@ -292,20 +309,7 @@ class _Run:
     return self.last_eval
 
   def export(self, directory: pathlib.Path) -> None:
-    """The final params as the method allows: an HF checkpoint (merged) and/or a PEFT adapter."""
-    params, kinds = _full_params(self.state), self.cfg.peft.export_kinds
-    if "adapter" in kinds:
-      self.cfg.peft.save_adapter(directory / "adapter", params, self.model,
-                                 self.cfg.init_from or "")
-    if "merged" in kinds:
-      if any(isinstance(x, quant.QuantizedWeight) for x in jax.tree.leaves(
-          params, is_leaf=lambda x: isinstance(x, quant.QuantizedWeight))) and (
-              jax.process_index() == 0):
-        print("[jrlhf] warning: the merged export dequantizes the 4-bit base: its weights are "
-              "the rounded ones the adapter was trained on, not the original 16-bit model; "
-              "export the adapter (peft.export=adapter) to apply it to the original",
-              file=sys.stderr, flush=True)
-      checkpoint.export_hf(directory, self.model, jax.jit(peft_config.merged_params)(params))
+    export_params(self.cfg, self.model, _full_params(self.state), directory)
 
   def loop(self) -> dict[str, Any]:
     steps, tcfg = self.cfg.steps, self.tcfg
