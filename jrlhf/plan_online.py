@@ -5,6 +5,8 @@ jitted sampler) and the updates, built from abstract state exactly as `jrlhf.tra
 Prompt width is `data.max_length` (an upper bound of the run's longest prompt); responses are
 `algorithm.max_new_tokens`. The rollout's decode is a while loop, so its FLOPs are the model
 count (2 x matmul params per token, prompt and response), not XLA's (which counts one step).
+The rollout compiles for its own layout (`rollout_mesh`, when set, over the target's devices);
+its memory is that program's alone, while a run also holds the state in the update layout.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 
 from jrlhf.algorithms import grpo, ppo
 from jrlhf.algorithms.step import combine_params
-from jrlhf.plan import Program, matmul_params
+from jrlhf.plan import PlanError, Program, matmul_params
 
 
 def _rows(cfg) -> int:
@@ -38,19 +40,38 @@ def _sds(shape, dtype, sharding):
   return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
+class _OnMesh:
+  """A jitted program that lowers under its own mesh's sharding context: the rollout's
+  activation constraints must name the rollout mesh, not the update mesh the plan sets."""
+
+  def __init__(self, fn, mesh):
+    self.fn, self.mesh = fn, mesh
+
+  def lower(self, *args):
+    from jrlhf.sharding import sharding_context  # noqa: PLC0415
+
+    with sharding_context(self.mesh):
+      return self.fn.lower(*args)
+
+
 def build_rollout(cfg, mesh) -> tuple[Any, tuple]:
   from jrlhf.models.generate import Sampler, SamplingConfig  # noqa: PLC0415
   from jrlhf.sharding import batch_sharding  # noqa: PLC0415
+  from jrlhf.train.online import make_rollout_mesh  # noqa: PLC0415
 
+  try:
+    mesh = make_rollout_mesh(cfg, mesh)
+  except ValueError as e:
+    raise PlanError(f"{mesh.devices.size} devices: {e}") from None
   model, state, _, _ = _state(cfg, mesh)
   params = combine_params(state.trainable, state.frozen)
   sampler = Sampler(model, SamplingConfig(max_new_tokens=cfg.algorithm.max_new_tokens,
                                           temperature=cfg.algorithm.temperature))
   sh, rows, width = batch_sharding(mesh), _rows(cfg), cfg.data.max_length
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return sampler._generate, (params, _sds((rows, width), jnp.int32, sh),
-                             _sds((rows, width), jnp.int32, sh),
-                             _sds((2,), jnp.uint32, replicated))
+  prompt = _sds((rows, width), jnp.int32, sh)
+  return _OnMesh(sampler._generate, mesh), (params, prompt, prompt,
+                                            _sds((2,), jnp.uint32, replicated))
 
 
 def _update_batch(cfg, rows: int, mesh, *fields: str) -> dict[str, jax.ShapeDtypeStruct]:

@@ -10,8 +10,19 @@ EOS (the sampler pads after it); the task's scorer judges the decoded text again
 reference; a response that never stopped loses `missing_eos_penalty`. Advantages come from the
 group baseline; the update is `grpo.train_step`, `epochs` times, on the whole batch.
 
-Rewards today: the embedded task's scorer (`data.source=tiny`). A reward model (an RM run's
-export) is the PPO issue's next step.
+Rewards: the embedded task's scorer (`data.source=tiny`), or PPO's reward model.
+
+Two layouts. The update runs on `mesh`; the sampler may run on `rollout_mesh` (same devices,
+other axis sizes: e.g. updates FSDP-sharded (1, 8, 1), decoding tensor-parallel (1, 1, 8), where
+each new token all-reduces activations instead of all-gathering every weight). Every copy
+between the two is explicit and runs under a transfer guard: the trainable params go to the
+rollout layout each step (a PEFT base, frozen, once at start: a second copy of it while the
+meshes differ), the sampled tokens and log-probs come back to the update's batch sharding, where
+the reference and the reward model (whose weights live there) score them.
+
+Each step logs where its time went, waiting on the device at every boundary:
+`perf/reshard_s` (copies between the layouts), `perf/rollout_s` (sampling), `perf/reference_s`,
+`perf/score_s` (decoding + the task's scorer or the reward model), `perf/update_s`.
 """
 
 from __future__ import annotations
@@ -26,17 +37,18 @@ import chz
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jrlhf import data as data_lib
 from jrlhf.algorithms import grpo, ppo
-from jrlhf.algorithms.step import combine_params
+from jrlhf.algorithms.step import REFERENCE, combine_params
 from jrlhf.distributed import storage_path
 from jrlhf.models.generate import Sampler, SamplingConfig
 from jrlhf.sample import left_pad
-from jrlhf.sharding import batch_ways, make_mesh, sharding_context
+from jrlhf.sharding import batch_sharding, batch_ways, make_mesh, sharding_context
 from jrlhf.train import checkpoint, evaluate, metrics as metrics_lib
 from jrlhf.train.optimizer import make_optimizer
-from jrlhf.train.state import create_state
+from jrlhf.train.state import abstract_state, create_state
 
 # data.source -> fn(decoded response, reference answer) -> score. The embedded task's scorer is
 # exact match; register other verifiable tasks here.
@@ -54,6 +66,59 @@ def prompt_indices(step: int, per_step: int, total: int, seed: int) -> np.ndarra
     out.extend(order[offset:offset + per_step - len(out)])
     epoch, offset = epoch + 1, 0
   return np.asarray(out)
+
+
+def make_rollout_mesh(cfg, mesh: Mesh) -> Mesh:
+  """The sampler's mesh: `cfg.rollout_mesh` over `mesh`'s devices, or `mesh` itself when that is
+  unset or of the same shape. Checks that a step's rollouts split over its batch ways."""
+  if cfg.rollout_mesh is None:
+    return mesh
+  devices = mesh.devices.flatten().tolist()
+  try:
+    shape = cfg.rollout_mesh.shape(len(devices))
+  except ValueError as e:
+    raise ValueError(f"rollout_mesh: {e}") from None
+  if shape == tuple(mesh.shape.values()):
+    return mesh
+  out = make_mesh(cfg.rollout_mesh, devices)
+  rows = cfg.algorithm.prompts_per_step * cfg.algorithm.group_size
+  if rows % batch_ways(out):
+    sizes = ", ".join(f"rollout_mesh.{k}={v}" for k, v in out.shape.items())
+    raise ValueError(
+        f"{rows} rollouts per step (prompts_per_step x group_size) do not split over the "
+        f"rollout mesh's {batch_ways(out)} batch ways ({sizes}; data x fsdp split the batch); "
+        f"choose rollout_mesh.data x rollout_mesh.fsdp dividing {rows}, or change "
+        f"algorithm.prompts_per_step")
+  return out
+
+
+class PhaseTimer:
+  """Seconds per phase of a step whose phases run back to back.
+
+  `lap(name, out)` waits for `out` (JAX dispatches asynchronously: without the wait the clock
+  would see the dispatch, and the work would be charged to whichever phase waits next) and
+  charges the time since the previous lap to `name`; returns `out`.
+  """
+
+  def __init__(self):
+    self.start()
+
+  def start(self) -> None:
+    self.seconds: dict[str, float] = {}
+    self.started = self._last = time.perf_counter()
+
+  def lap(self, name: str, out: Any = None) -> Any:
+    jax.block_until_ready(out)
+    now = time.perf_counter()
+    self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+    self._last = now
+    return out
+
+  def total(self) -> float:
+    return self._last - self.started
+
+  def metrics(self) -> dict[str, float]:
+    return {f"perf/{name}_s": s for name, s in self.seconds.items()}
 
 
 class _Online:
@@ -76,6 +141,7 @@ class _Online:
     if rows % batch_ways(self.mesh):
       raise ValueError(f"{rows} rollouts per step (prompts_per_step x group_size) must divide "
                        f"over the mesh's {batch_ways(self.mesh)} batch ways")
+    self.rollout_mesh = make_rollout_mesh(cfg, self.mesh)
     self.opt = make_optimizer(cfg.optim, cfg.steps)
     self.model, state, state_sh = create_state(
         cfg.model, self.opt, self.mesh, seed=cfg.seed, init_from=cfg.init_from, peft=cfg.peft,
@@ -97,6 +163,7 @@ class _Online:
                                         keep=cfg.train.keep_checkpoints,
                                         async_save=cfg.train.async_checkpoints)
     self.state = self.ckpt.restore_or(state, self.fingerprint)
+    self.setup_rollout_layout()
     self.rm = None
     self.setup_algorithm()
     self.start = int(jax.device_get(self.state.step))
@@ -104,6 +171,7 @@ class _Online:
                                             tensorboard=cfg.train.tensorboard,
                                             wandb=cfg.train.wandb,
                                             wandb_project=cfg.train.wandb_project)
+    self.timer = PhaseTimer()
     self.generations = None
     if cfg.train.num_samples and len(self.eval_ds) and self.score_fn is not None:
       prompts, refs = self.eval_ds.prompts_and_references(self.tokenizer, cfg.train.num_samples)
@@ -111,6 +179,28 @@ class _Online:
           self.model, prompts, refs, self.score_fn, self.decode,
           max_new_tokens=cfg.train.max_new_tokens, stop_tokens=self.sampler.cfg.stop_tokens,
           pad_id=self.pad_id, mesh=self.mesh)
+
+  def setup_rollout_layout(self) -> None:
+    """Shardings of the sampler's inputs on the rollout mesh, from shapes (as the state's), and
+    the policy's frozen part (a PEFT base; nothing under full fine-tuning) copied there once."""
+    mesh, rmesh = self.mesh, self.rollout_mesh
+    self.batch_sh, self.rollout_batch_sh = batch_sharding(mesh), batch_sharding(rmesh)
+    self.rollout_rng_sh = NamedSharding(rmesh, PartitionSpec())
+    _, shapes = abstract_state(self.model.cfg, self.opt, rmesh, seed=self.cfg.seed,
+                               peft=self.cfg.peft)
+    self.rollout_trainable_sh = jax.tree.map(lambda x: x.sharding, shapes.trainable)
+    frozen = self.state.frozen
+    if isinstance(frozen, dict) and REFERENCE in frozen:  # the KL's start, not the policy
+      frozen = {k: v for k, v in frozen.items() if k != REFERENCE}
+    with jax.transfer_guard("disallow"):
+      self.rollout_frozen = jax.device_put(
+          frozen, jax.tree.map(lambda x: x.sharding, shapes.frozen))
+    self.rollout_batch = jax.jit(ppo.rollout_batch, out_shardings=self.batch_sh)
+
+  def rollout_params(self) -> Any:
+    """The policy's params in the rollout layout (the same arrays when the meshes agree)."""
+    trainable = jax.device_put(self.state.trainable, self.rollout_trainable_sh)
+    return combine_params(trainable, self.rollout_frozen)
 
   def setup_algorithm(self) -> None:
     self.update = jax.jit(functools.partial(grpo.train_step, model=self.model, cfg=self.alg,
@@ -142,14 +232,23 @@ class _Online:
     prompt_BxP, mask_BxP = left_pad([list(self.prompts[i]) for i in idx], self.pad_id, 1,
                                     length=self.prompt_len)
     rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed + 3), step)
-    params = combine_params(self.state.trainable, self.state.frozen)
-    gen = self.sampler(params, jnp.asarray(prompt_BxP), jnp.asarray(mask_BxP), rng)
+    lap = self.timer.lap
+    # Every copy between host, update layout and rollout layout is spelled out below.
+    with jax.transfer_guard("disallow"):
+      prompt_in = jax.device_put((prompt_BxP, mask_BxP), self.batch_sh)
+      sampler_in = (self.rollout_params(),
+                    *jax.device_put(prompt_in, self.rollout_batch_sh),
+                    jax.device_put(rng, self.rollout_rng_sh))
+      lap("reshard", sampler_in)
+      with sharding_context(self.rollout_mesh):
+        gen = lap("rollout", self.sampler(*sampler_in))
+      gen = jax.device_put(gen, self.batch_sh)
+      batch = self.rollout_batch(*prompt_in, gen.tokens_BxN, gen.lengths_B)
+      batch["old_logprobs"] = gen.logprobs_BxN
+      lap("reshard", batch)
+      # Always measured (objective/kl is the run's main health signal).
+      batch["ref_logprobs"] = lap("reference", self.reference(self.state, batch))
     tokens_BxN, lengths_B, done_B = jax.device_get((gen.tokens_BxN, gen.lengths_B, gen.done_B))
-    batch = ppo.rollout_batch(jnp.asarray(prompt_BxP), jnp.asarray(mask_BxP), gen.tokens_BxN,
-                              gen.lengths_B)
-    batch["old_logprobs"] = gen.logprobs_BxN
-    # Always measured (objective/kl is the run's main health signal).
-    batch["ref_logprobs"] = self.reference(self.state, batch)
     row = {"rollout/eos_fraction": float(done_B.mean()),
            "rollout/length": float(lengths_B.mean())}
     if self.score_fn is not None:
@@ -158,7 +257,7 @@ class _Online:
                         np.float32)
       row["rollout/accuracy"] = float(task_B.mean())
     scores_B = self.reward_scores(batch) if self.rm is not None else task_B
-    scores_B = np.asarray(scores_B) - alg.missing_eos_penalty * (~done_B)
+    scores_B = lap("score", np.asarray(scores_B) - alg.missing_eos_penalty * (~done_B))
     return batch, scores_B, row
 
   def reward_scores(self, batch) -> np.ndarray:
@@ -179,10 +278,12 @@ class _Online:
     try:
       with sharding_context(self.mesh), stop.installed():
         for i in range(self.start, cfg.steps):
-          started = time.perf_counter()
+          self.timer.start()
           batch, scores_B, row = self.rollout(i)
           row.update({k: float(v) for k, v in self.learn(i, batch, scores_B).items()})
-          row["perf/episodes_per_sec"] = len(batch["tokens"]) / (time.perf_counter() - started)
+          self.timer.lap("update", self.state)
+          row.update(self.timer.metrics())
+          row["perf/episodes_per_sec"] = len(batch["tokens"]) / self.timer.total()
           n = i + 1
           if tcfg.eval_every and (n % tcfg.eval_every == 0 or n == cfg.steps) and (
               self.generations is not None):

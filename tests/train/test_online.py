@@ -36,6 +36,10 @@ def test_online_run_logs_trl_metrics_and_resumes_exactly(tmp_path, name):
   for key in ("objective/scores", "objective/kl", "policy/clipfrac", "val/ratio",
               "rollout/eos_fraction", "perf/episodes_per_sec"):
     assert key in first, key
+  # Where each step's time went, every phase waited on (a phase never measured would be absent).
+  for row in rows:
+    assert all(row[f"perf/{phase}_s"] > 0 for phase in
+               ("reshard", "rollout", "reference", "score", "update")), row
   # One update per rollout batch: the ratio to the sampling policy is exactly 1 (the sampler's
   # logprobs are the trainer's), so nothing is clipped and the KL to the start is 0 at step 1.
   assert first["val/ratio"] == pytest.approx(1.0, abs=1e-5)
