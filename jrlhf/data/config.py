@@ -45,6 +45,9 @@ class DataConfig:
   completion_only_loss: prompt/completion data trains on the completion only.
   assistant_only_loss: chat data trains on the assistant turns only.
   strict: raise on the first malformed row instead of skipping and counting it.
+  pairs: preference pairs (a local .json/.jsonl/.parquet/.csv file of prompt/chosen/rejected
+    rows, e.g. written by `python -m jrlhf.onpolicy`) that replace the source's training pairs
+    of a pair-trained algorithm (RM, DPO); held-out evaluation still comes from `source`.
   """
 
   source: str = TINY
@@ -65,6 +68,7 @@ class DataConfig:
   completion_only_loss: bool = True
   assistant_only_loss: bool = True
   strict: bool = False
+  pairs: str | None = None
 
   @chz.validate
   def _check(self):
@@ -88,5 +92,8 @@ class DataConfig:
     if self.num_train_examples is not None and self.num_train_examples < 1:
       raise ValueError(f"data.num_train_examples={self.num_train_examples} must be >= 1, or "
                        "None for all")
+    if self.pairs is not None and not self.pairs:
+      raise ValueError("data.pairs is empty; give a preference file (.jsonl) or None for the "
+                       "source's own pairs")
     if self.num_eval_examples < 0:
       raise ValueError(f"data.num_eval_examples={self.num_eval_examples} must be >= 0")

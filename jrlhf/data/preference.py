@@ -21,13 +21,16 @@ truncated response would change what is preferred.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import chz
 import numpy as np
 
 from jrlhf.data import tiny_task
 from jrlhf.data.config import TINY, DataConfig
-from jrlhf.data.dataset import SplitStats, TokenizedDataset, load_rows, skip_malformed
+from jrlhf.data.dataset import (LOCAL_BUILDERS, SplitStats, TokenizedDataset, load_rows,
+                                skip_malformed)
 from jrlhf.data.encode import Encoder
 from jrlhf.data.formats import MalformedRow
 from jrlhf.data.packing import bucket_for, bucket_lengths
@@ -130,8 +133,24 @@ def tokenize_pairs(rows, encoder: Encoder, *, max_length: int, strict: bool = Fa
   return data, SplitStats(n, kept, skipped, 0, dropped, tuple(reasons))
 
 
+def pairs_file_rows(cfg: DataConfig):
+  """The rows of `data.pairs` (capped by num_train_examples), all of them training pairs."""
+  path = Path(cfg.pairs).expanduser()
+  if path.suffix.lower() not in LOCAL_BUILDERS:
+    raise ValueError(f"data.pairs={cfg.pairs!r} must be a local file ending in "
+                     f"{', '.join(LOCAL_BUILDERS)}")
+  if not path.is_file():
+    raise FileNotFoundError(f"data.pairs={cfg.pairs!r} does not exist; write one with "
+                            "`python -m jrlhf.onpolicy --out FILE ...`, or drop data.pairs to "
+                            f"train on data.source={cfg.source!r}'s own pairs")
+  file_cfg = chz.replace(cfg, source=str(path), subset=None, split="train", eval_split=None,
+                         eval_fraction=0.0, pairs=None)
+  return load_rows(file_cfg)[0]
+
+
 def load_preference_data(cfg: DataConfig, tokenizer, seed: int | None = None):
-  """(train, eval, DataStats) of preference pairs per the config (`tiny`: the task's pairs)."""
+  """(train, eval, DataStats) of preference pairs per the config (`tiny`: the task's pairs;
+  with `data.pairs`, training pairs from that file and held-out pairs from the source)."""
   from jrlhf.data.dataset import DataStats  # noqa: PLC0415 - same package, kept local for clarity
 
   if cfg.source == TINY:
@@ -141,13 +160,16 @@ def load_preference_data(cfg: DataConfig, tokenizer, seed: int | None = None):
     eval_rows = tiny_task.preference_pairs(eval_rows, split_seed + 1)
   else:
     train_rows, eval_rows = load_rows(cfg, seed)
+  if cfg.pairs is not None:
+    train_rows = pairs_file_rows(cfg)
   encoder = Encoder(tokenizer, completion_only_loss=True)
   kwargs = dict(max_length=cfg.max_length, strict=cfg.strict)
   train, train_stats = tokenize_pairs(train_rows, encoder, **kwargs)
   eval_, eval_stats = tokenize_pairs(eval_rows, encoder, **kwargs)
   stats = DataStats("preference", train_stats, eval_stats)
   if not len(train):
-    raise ValueError(f"no preference pairs left from data.source={cfg.source!r}:\n"
+    origin = f"data.pairs={cfg.pairs!r}" if cfg.pairs else f"data.source={cfg.source!r}"
+    raise ValueError(f"no preference pairs left from {origin}:\n"
                      f"{stats.summary()}\n(pairs longer than data.max_length are dropped)")
   return train, eval_, stats
 

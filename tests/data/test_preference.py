@@ -1,6 +1,8 @@
 """Preference data: row layouts normalised, pairs tokenized with the response as target, pairs
 that do not fit dropped and counted, batches laid out [chosen; rejected], tiny-task pairs."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -82,3 +84,36 @@ def test_tiny_task_pairs_are_judged_by_the_scorer():
   cfg = DataConfig(num_train_examples=30, num_eval_examples=8, max_length=64)
   train, eval_, stats = preference.load_preference_data(cfg, load_tokenizer("tiny"))
   assert (len(train), len(eval_)) == (30, 8) and stats.train.dropped_truncated == 0
+
+
+def test_a_pairs_file_replaces_the_training_pairs_and_eval_stays_on_the_source(tmp_path):
+  rows = [{"prompt": [{"role": "user", "content": f"sort {n}"}],
+           "chosen": [{"role": "assistant", "content": "".join(sorted(str(n)))}],
+           "rejected": [{"role": "assistant", "content": str(n)}]} for n in (321, 531, 975)]
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  tok = load_tokenizer("tiny")
+  cfg = DataConfig(pairs=str(path), num_eval_examples=8, max_length=64)
+  train, eval_, stats = preference.load_preference_data(cfg, tok)
+  assert (len(train), len(eval_), stats.train.rows) == (3, 8, 3)
+  chosen = tok.decode(train.chosen.tokens[0][train.chosen.loss_mask[0]])
+  assert chosen in {"123<eos>", "135<eos>", "579<eos>"}
+  # Held-out pairs are the tiny task's, exactly as without data.pairs.
+  _, plain_eval, _ = preference.load_preference_data(
+      DataConfig(num_eval_examples=8, max_length=64), tok)
+  for a, b in zip(eval_.chosen.tokens, plain_eval.chosen.tokens):
+    np.testing.assert_array_equal(a, b)
+  # num_train_examples caps the file's pairs.
+  capped, _, _ = preference.load_preference_data(
+      DataConfig(pairs=str(path), num_train_examples=2, num_eval_examples=8, max_length=64), tok)
+  assert len(capped) == 2
+
+
+def test_a_missing_or_unreadable_pairs_file_says_what_to_do(tmp_path):
+  tok = load_tokenizer("tiny")
+  with pytest.raises(FileNotFoundError, match="data.pairs=.*does not exist.*jrlhf.onpolicy"):
+    preference.load_preference_data(DataConfig(pairs=str(tmp_path / "none.jsonl")), tok)
+  with pytest.raises(ValueError, match="data.pairs=.*must be a local file ending in"):
+    preference.load_preference_data(DataConfig(pairs=str(tmp_path / "pairs.txt")), tok)
+  with pytest.raises(ValueError, match="data.pairs is empty"):
+    DataConfig(pairs="")
