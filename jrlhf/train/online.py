@@ -47,6 +47,7 @@ from jrlhf.models.generate import Sampler, SamplingConfig
 from jrlhf.sample import left_pad
 from jrlhf.sharding import batch_sharding, batch_ways, make_mesh, sharding_context
 from jrlhf.train import checkpoint, evaluate, metrics as metrics_lib
+from jrlhf.train.loop import export_params
 from jrlhf.train.optimizer import make_optimizer
 from jrlhf.train.state import abstract_state, create_state
 
@@ -301,11 +302,17 @@ class _Online:
                   f"continue.", file=sys.stderr, flush=True)
             raise SystemExit(128 + stop.signum)
         self.save(cfg.steps, final=True)
+        if tcfg.export:
+          export_params(cfg, self.model, combine_params(self.state.trainable, self.state.frozen),
+                        self.run_dir / "export")
     finally:
       self.close()
     if jax.process_index() == 0:
       print(f"[jrlhf] metrics:    {self.writer.path}")
       print(f"[jrlhf] checkpoint: {self.run_dir / 'checkpoints'}/{cfg.steps}")
+      if tcfg.export:
+        print(f"[jrlhf] export:     {self.run_dir / 'export'} (the policy; Hugging Face / PEFT "
+              f"format)")
     return {"step": cfg.steps, **last}
 
 

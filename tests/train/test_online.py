@@ -10,6 +10,7 @@ import pytest
 
 from jrlhf.algorithms.grpo import GRPOConfig
 from jrlhf.algorithms.ppo import PPOConfig
+from jrlhf.models import from_pretrained
 from jrlhf.train import online
 from tests.train.test_loop import config, deterministic, read
 
@@ -29,8 +30,12 @@ def online_config(name, **train):
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_online_run_logs_trl_metrics_and_resumes_exactly(tmp_path, name):
   cfg = online_config(name)
-  whole = online.train(cfg, tmp_path / "whole")
+  whole = online.train(chz.replace(cfg, train=chz.replace(cfg.train, export=True)),
+                       tmp_path / "whole")
   assert whole["step"] == 3 and "eval/accuracy" in whole
+  # The trained policy is exported like any run's (an HF checkpoint, the next run's init_from).
+  _, exported = from_pretrained(tmp_path / "whole" / "export")
+  assert exported["embed"].shape[0] == cfg.model.vocab_size
   rows = read(tmp_path / "whole" / "metrics.jsonl")
   first = rows[0]
   for key in ("objective/scores", "objective/kl", "policy/clipfrac", "val/ratio",
