@@ -183,12 +183,19 @@ def write_plan(point: Point, target: str) -> None:
       {"step": point.steps, "metrics": metrics, "target": target, "program": step.name}) + "\n")
 
 
-def plan_study(name: str, *, reduced: bool = False, seeds: int | None = None
+def plan_study(name: str, *, reduced: bool = False, seeds: int | None = None,
+               only: list[str] | None = None
                ) -> tuple[dict[str, Any], Path, Point | None, list[Point]]:
   """(resolved study, its runs root, the start point or None, the arm points); every point is
   resolved here, so a typo in any arm fails before the first run starts."""
   _, raw = load_study(name)
   study = resolve_study(raw, reduced, seeds)
+  if only:
+    unknown = sorted(set(only) - set(study["arms"]))
+    if unknown:
+      raise StudyError(f"--only {','.join(unknown)}: not arms of {name} "
+                       f"({', '.join(study['arms'])})")
+    study["arms"] = {n: a for n, a in study["arms"].items() if n in only}
   root = Path(config.RUNS_DIR) / (name.replace("/", "-") + ("-reduced" if reduced else ""))
   start_point = None
   if study.get("start"):
@@ -208,9 +215,9 @@ def plan_study(name: str, *, reduced: bool = False, seeds: int | None = None
 
 
 def run_study(name: str, *, reduced: bool = False, seeds: int | None = None, jobs: int = 1,
-              out: str | Path | None = None) -> int:
+              out: str | Path | None = None, only: list[str] | None = None) -> int:
   """Runs study `name` (see the module docstring); 0 if every point finished."""
-  study, root, start_point, points = plan_study(name, reduced=reduced, seeds=seeds)
+  study, root, start_point, points = plan_study(name, reduced=reduced, seeds=seeds, only=only)
   started = time.perf_counter()
   start_export = None
   if start_point is not None:
@@ -249,10 +256,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seeds", type=int, help="repeat every arm point over this many seeds")
   parser.add_argument("-j", "--jobs", type=int, default=1, help="runs at a time")
   parser.add_argument("--out", help="report directory (default runs/<study>/report)")
+  parser.add_argument("--only", help="run only these arms (comma-separated); the report covers "
+                                     "them only")
   args = parser.parse_args(argv)
   try:
     return run_study(args.study, reduced=args.reduced, seeds=args.seeds, jobs=args.jobs,
-                     out=args.out)
+                     out=args.out, only=args.only.split(",") if args.only else None)
   except (StudyError, config.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -58,6 +58,13 @@ def test_reduced_replaces_values_and_drops_arms():
     study.resolve_study({**raw, "reduced": {"drop": ["c"]}}, reduced=True, seeds=None)
 
 
+def test_only_selects_arms():
+  _, _, _, points = study.plan_study("ablations/frontier", only=["dpo"])
+  assert {p.arm for p in points} == {"dpo"}
+  with pytest.raises(study.StudyError, match="not arms"):
+    study.plan_study("ablations/frontier", only=["dpo", "sft"])
+
+
 def test_cli_values():
   assert study.cli_value(True) == "true" and study.cli_value(None) == "None"
   assert study.cli_value(("sigmoid", "sft")) == "[sigmoid,sft]" and study.cli_value(3e-4) == "0.0003"
