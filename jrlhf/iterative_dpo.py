@@ -4,9 +4,10 @@
       --rounds 3 --out runs/tiny-dpo-onpolicy [--num-prompts 2000 --k 8 ...] [key=value ...]
 
 Round r (r = 0, 1, ...) starts from a policy (round 0: --init-from; then round r-1's export):
-  1. `python -m jrlhf.onpolicy --policy <policy> --out <out>/round-r/pairs.jsonl --seed <seed+r>`
-     samples k responses to fresh training prompts of the experiment's data source and pairs
-     them (`jrlhf.onpolicy`; its flags are this command's flags too);
+  1. `python -m jrlhf.onpolicy --policy <policy> --out <out>/round-r/pairs.jsonl
+     --experiment <--experiment> --seed <seed + r> [data.* overrides]` samples k responses to
+     fresh training prompts of the DPO runs' data config and pairs them (`jrlhf.onpolicy`; its
+     flags are this command's flags too);
   2. `python -m jrlhf.run experiment=<--experiment> init_from=<policy>
      data.pairs=<out>/round-r/pairs.jsonl train.export=true run_dir=<out>/round-r [key=value ...]`
      trains DPO on them (the reference is the round's start, frozen) and evaluates on the
@@ -72,18 +73,17 @@ def policy_of(plan: Plan, r: int) -> str:
   return plan.init_from if r == 0 else str(round_dir(plan.out, r - 1) / "export")
 
 
-def onpolicy_args(plan: Plan, r: int, data_cfg) -> list[str]:
+def onpolicy_args(plan: Plan, r: int) -> list[str]:
+  """Prompts from the DPO runs' own data config: the experiment's, with the data.* overrides."""
   s = plan.settings
   args = ["jrlhf.onpolicy", "--policy", policy_of(plan, r),
-          "--out", str(round_dir(plan.out, r) / "pairs.jsonl"),
-          "--source", data_cfg.source, "--tokenizer", data_cfg.tokenizer,
-          "--split-seed", str(data_cfg.split_seed), "--max-length", str(data_cfg.max_length)]
+          "--out", str(round_dir(plan.out, r) / "pairs.jsonl"), "--experiment", plan.experiment]
   for f in dataclasses.fields(s):
     value = s.seed + r if f.name == "seed" else getattr(s, f.name)  # fresh prompts each round
     args += ["--" + f.name.replace("_", "-"), str(value)]
   if plan.reward_model:
     args += ["--reward-model", plan.reward_model]
-  return args
+  return args + [f"{k}={v}" for k, v in plan.overrides.items() if k.startswith("data.")]
 
 
 def dpo_args(plan: Plan, r: int) -> list[str]:
@@ -105,7 +105,7 @@ def last_metrics(run_dir: pathlib.Path) -> dict[str, Any]:
   return last
 
 
-def run_round(plan: Plan, r: int, data_cfg, command: Command = run_module) -> dict[str, Any]:
+def run_round(plan: Plan, r: int, command: Command = run_module) -> dict[str, Any]:
   """Round r (skipped when its round.json exists); returns its summary row."""
   rd = round_dir(plan.out, r)
   done = rd / "round.json"
@@ -121,7 +121,7 @@ def run_round(plan: Plan, r: int, data_cfg, command: Command = run_module) -> di
   pairs = rd / "pairs.jsonl"
   if not summary_path(pairs).is_file():
     print(f"[iterative_dpo] round {r}: sampling pairs from {policy}", flush=True)
-    code = command(onpolicy_args(plan, r, data_cfg))
+    code = command(onpolicy_args(plan, r))
     if code:
       raise RoundFailed(f"round {r}: pair generation exited {code}; fix it and rerun the same "
                         f"command (finished rounds are kept)")
@@ -158,10 +158,10 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def run(plan: Plan, command: Command = run_module) -> list[dict[str, Any]]:
   """All rounds in order; writes the summary after each."""
-  cfg = config_lib.resolve(plan.experiment, plan.overrides)  # a bad key fails before sampling
+  config_lib.resolve(plan.experiment, plan.overrides)  # a bad key fails before any round
   rows = []
   for r in range(plan.rounds):
-    rows.append(run_round(plan, r, cfg.data, command))
+    rows.append(run_round(plan, r, command))
     (plan.out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     (plan.out / "summary.md").write_text(table(rows))
   return rows

@@ -2,28 +2,29 @@
 
   python -m jrlhf.onpolicy --policy runs/tiny-sft,train.export=true/export --out pairs.jsonl \\
       --num-prompts 512 --k 8 --temperature 1.0            # scored by the tiny task's scorer
-  python -m jrlhf.onpolicy --policy DIR --source prompts.jsonl --tokenizer DIR \\
-      --reward-model runs/<an RM run>/export --mode margin --margin 0.5 --out pairs.jsonl
+  python -m jrlhf.onpolicy --policy DIR --reward-model runs/<an RM run>/export \\
+      --mode margin --margin 0.5 --out pairs.jsonl data.source=prompts.jsonl data.tokenizer=DIR
   python -m jrlhf.run experiment=tiny/dpo init_from=DIR data.pairs=pairs.jsonl   # DPO on them
 
-Prompts are the training split of a data source (`tiny`, or any file / hub id whose rows are
-chat `messages`, `prompt` [+ `completion`], or preference pairs), a seeded sample of
-`--num-prompts`. Each is encoded as the DPO reader will encode it (so the policy continues
-exactly the prompt that DPO trains on), repeated k times, left-padded and sampled with the jitted
-`Sampler` (EOS stops a row, as in the online loop). Scores come from the source's reward
-function (`jrlhf.train.online.REWARD_FNS`: the tiny task's exact match against the reference)
-or, with `--reward-model`, from an RM run's export on [prompt; response]. A response that never
-emitted EOS loses `--missing-eos-penalty`. Empty responses cannot be written as a pair side and
-are left out of pairing (counted).
+Prompts are the training split of the data config (`data.KEY=VALUE` as for jrlhf.run, on top
+of `--experiment`'s; the tiny task by default; any file or hub id whose rows are chat
+`messages`, `prompt` [+ `completion`], or preference pairs): a seeded sample of `--num-prompts`,
+less those of data.max_length tokens or more. Each is encoded as the DPO reader will encode it
+(the policy continues exactly the prompt DPO trains on), repeated k times, left-padded and
+sampled with the jitted `Sampler` (EOS stops a row, as in the online loop). Scores come from the
+source's reward function (`jrlhf.train.online.REWARD_FNS`: the tiny task's exact match against
+the reference) or, with `--reward-model`, from an RM run's export on [prompt; response]. A
+response that never emitted EOS loses `--missing-eos-penalty`. Empty responses cannot be a pair
+side: they are left out of pairing (counted).
 
 Pairs (`make_pairs`), always with chosen scored strictly above rejected:
   best_worst  one per prompt: the highest- against the lowest-scored response; a prompt whose
               responses all tie (or differ by less than --margin) gives none and is counted.
-  margin      every pair of distinct responses whose scores differ by >= --margin (> 0).
+  margin      every pair of distinct responses whose scores differ by > 0 and >= --margin.
 The file holds `{"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}` rows (chat
 prompts as message lists), and `<out>.summary.json` the counts and the mean sampled score.
 
-Measured with the iterative loop (`jrlhf.iterative_dpo`, whose docstring has the numbers).
+Measured on the tiny task: see experiments/tiny/dpo_onpolicy.py (rounds of `jrlhf.iterative_dpo`).
 """
 
 from __future__ import annotations
@@ -39,10 +40,17 @@ import pathlib
 import sys
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
+from jrlhf import config as config_lib
 from jrlhf import data as data_lib
+from jrlhf.algorithms import ppo
 from jrlhf.data.formats import MalformedRow, check_messages
+from jrlhf.models import from_pretrained
+from jrlhf.models.generate import Sampler, SamplingConfig
+from jrlhf.sample import left_pad
+from jrlhf.sharding import batch_ways, make_mesh, put_batch
 
 MODES = ("best_worst", "margin")
 # Encodes a prompt with this stand-in response when its row has none: only the tokens before
@@ -204,17 +212,11 @@ class RewardModel:
   real token (`ppo.sequence_scores`)."""
 
   def __init__(self, directory: str | os.PathLike, mesh, dtype: str = "float32"):
-    import jax  # noqa: PLC0415 - the CLI's --help answers without loading JAX
-
-    from jrlhf.algorithms import ppo  # noqa: PLC0415
-    from jrlhf.models import from_pretrained  # noqa: PLC0415
-
     model, self.params = from_pretrained(directory, dtype=dtype, head="scalar", mesh=mesh)
     self._scores = jax.jit(functools.partial(ppo.sequence_scores, model))
-    self.rollout_batch = ppo.rollout_batch
 
   def __call__(self, prompt_BxP, mask_BxP, tokens_BxN, lengths_B) -> np.ndarray:
-    batch = self.rollout_batch(prompt_BxP, mask_BxP, tokens_BxN, lengths_B)
+    batch = ppo.rollout_batch(prompt_BxP, mask_BxP, tokens_BxN, lengths_B)
     return np.asarray(self._scores(self.params, batch), np.float64)
 
 
@@ -231,12 +233,6 @@ def sample_responses(model, params, prompts: Sequence[np.ndarray], decode: Calla
                      settings: PairSettings, stop_tokens: tuple[int, ...], pad_id: int, mesh,
                      reward_model: RewardModel | None = None) -> Samples:
   """`settings.k` samples of every prompt, in fixed-shape batches (one compile)."""
-  import jax  # noqa: PLC0415
-
-  from jrlhf.models.generate import Sampler, SamplingConfig  # noqa: PLC0415
-  from jrlhf.sample import left_pad  # noqa: PLC0415
-  from jrlhf.sharding import batch_ways, put_batch  # noqa: PLC0415
-
   ways = batch_ways(mesh)
   size = -(-settings.batch_size // ways) * ways
   sampler = Sampler(model, SamplingConfig(
@@ -313,12 +309,7 @@ def generate_pairs(policy: str | os.PathLike, data_cfg: data_lib.DataConfig,
                    dtype: str = "float32", mesh=None) -> dict[str, Any]:
   """Samples, scores and pairs (see the module docstring); writes `out` (JSONL) and its
   summary; returns the summary. `reward_fn(text, reference)` replaces the source's scorer."""
-  import jax  # noqa: PLC0415
-
-  from jrlhf import config as config_lib  # noqa: PLC0415
-  from jrlhf.models import from_pretrained  # noqa: PLC0415
-  from jrlhf.sharding import make_mesh  # noqa: PLC0415
-  from jrlhf.train.online import REWARD_FNS  # noqa: PLC0415
+  from jrlhf.train.online import REWARD_FNS  # noqa: PLC0415 - the training stack, on first use
 
   if jax.process_count() > 1:
     raise NotImplementedError("on-policy pairs are generated on one process; run it on one host")
@@ -342,16 +333,17 @@ def generate_pairs(policy: str | os.PathLike, data_cfg: data_lib.DataConfig,
   scores_PxK = score_samples(samples, prompts.references, score_fn, settings.missing_eos_penalty)
   pairs, unpaired = make_pairs(samples.texts_PxK, scores_PxK, settings.mode, settings.margin)
   rows = pair_rows(prompts, samples, scores_PxK, pairs)
-  finite = scores_PxK[~np.isnan(scores_PxK)]
+  scored_P = ~np.all(np.isnan(scores_PxK), axis=1)
   summary = {
       "policy": str(policy), "source": data_cfg.source, "reward": reward_model or "function",
       "mode": settings.mode, "margin": settings.margin, "k": settings.k,
       "prompts": len(prompts.raw), "prompts_skipped": prompts.skipped,
       "samples": int(scores_PxK.size), "empty_samples": int(np.isnan(scores_PxK).sum()),
       "pairs": len(rows), "prompts_without_pair": unpaired,
-      "mean_score": float(finite.mean()) if finite.size else math.nan,
-      "mean_best_score": float(np.nanmax(scores_PxK, axis=1)[
-          ~np.all(np.isnan(scores_PxK), axis=1)].mean()) if finite.size else math.nan,
+      "mean_score": float(np.nanmean(scores_PxK)) if scored_P.any() else math.nan,
+      # Best of k, averaged over prompts: the task's pass@k for an exact-match scorer.
+      "mean_best_score": float(np.nanmax(scores_PxK[scored_P], axis=1).mean())
+                         if scored_P.any() else math.nan,
       "eos_fraction": float(samples.done_PxK.mean()),
   }
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -365,22 +357,24 @@ def main(argv: list[str] | None = None) -> int:
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--policy", required=True, help="the policy: an HF export directory")
   parser.add_argument("--out", required=True, help="the pairs file to write (.jsonl)")
-  parser.add_argument("--source", default="tiny", help="prompts: data.source (default tiny)")
-  parser.add_argument("--tokenizer", default="tiny", help="data.tokenizer (default tiny)")
-  parser.add_argument("--split-seed", type=int, default=0, help="data.split_seed")
-  parser.add_argument("--max-length", type=int, default=1024,
-                      help="data.max_length of the DPO run; longer prompts are skipped")
+  parser.add_argument("--experiment", default="",
+                      help="take the data section (source, tokenizer, split) from this experiment")
   parser.add_argument("--reward-model", help="an RM run's export (default: the source's scorer)")
   parser.add_argument("--dtype", default="float32")
   fields = {f.name: f for f in dataclasses.fields(PairSettings)}
   for name, f in fields.items():
     parser.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default,
                         **({"choices": MODES} if name == "mode" else {}))
+  parser.add_argument("data", nargs="*", metavar="data.KEY=VALUE",
+                      help="the prompts' data config, as for jrlhf.run (default: the tiny task)")
   args = parser.parse_args(argv)
   try:
     settings = PairSettings(**{name: getattr(args, name) for name in fields})
-    data_cfg = data_lib.DataConfig(source=args.source, tokenizer=args.tokenizer,
-                                   split_seed=args.split_seed, max_length=args.max_length)
+    overrides = config_lib.parse_overrides(args.data)
+    other = [k for k in overrides if not k.startswith("data.")]
+    if other:
+      raise ValueError(f"{', '.join(other)}: only data.* keys choose the prompts")
+    data_cfg = config_lib.resolve(args.experiment, overrides).data
     summary = generate_pairs(args.policy, data_cfg, args.out, settings,
                              reward_model=args.reward_model, dtype=args.dtype)
   except (ValueError, FileNotFoundError) as e:

@@ -100,7 +100,8 @@ def _export(directory, head="lm", seed=0):
   model = Transformer(ModelConfig(vocab_size=len(tok), hidden_size=32, num_heads=2,
                                   num_kv_heads=1, head_dim=16, mlp_dim=64,
                                   max_position_embeddings=128), head=head)
-  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32)))["params"]
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32)))[
+      "params"]
   save_pretrained(directory, model, params)
   return str(directory)
 
@@ -147,22 +148,26 @@ def test_on_policy_pairs_prefer_the_higher_score_and_load_for_dpo(policy_dir, tm
   assert len(eval_) == 16  # held-out pairs still come from the tiny task
 
 
-def test_a_reward_model_scores_the_pairs(policy_dir, tmp_path):
+def test_the_cli_scores_prompt_only_rows_with_a_reward_model(policy_dir, tmp_path, capsys):
   rm_dir = _export(tmp_path / "rm", head="scalar", seed=1)
   out = tmp_path / "pairs.jsonl"
-  settings = PairSettings(num_prompts=8, k=4, max_new_tokens=6, batch_size=32)
   # A prompt-only source: no reference answers, which only a reward model can do without.
   source = tmp_path / "prompts.jsonl"
   source.write_text("".join(json.dumps({"prompt": f"say {w}"}) + "\n"
                             for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr")))
-  cfg = DataConfig(source=str(source), max_length=40, eval_fraction=0.0)
-  summary = onpolicy.generate_pairs(policy_dir, cfg, out, settings, reward_model=rm_dir)
-  rows = _read(out)
-  assert summary["reward"] == rm_dir and len(rows) == summary["pairs"] > 0
+  argv = ["--policy", policy_dir, "--out", str(out), "--num-prompts", "8", "--k", "4",
+          "--max-new-tokens", "6", "--batch-size", "32", f"data.source={source}",
+          "data.max_length=40", "data.eval_fraction=0.0"]
+  assert onpolicy.main(argv + ["--reward-model", rm_dir]) == 0
+  summary, rows = json.loads(onpolicy.summary_path(out).read_text()), _read(out)
+  assert summary["reward"] == rm_dir and summary["prompts"] == 8
+  assert len(rows) == summary["pairs"] > 0
   assert all(r["score_chosen"] > r["score_rejected"] for r in rows)
   assert all(isinstance(r["prompt"], str) and isinstance(r["chosen"], str) for r in rows)
-  with pytest.raises(ValueError, match="--reward-model"):
-    onpolicy.generate_pairs(policy_dir, cfg, out, settings)
+  assert onpolicy.main(argv) == 2  # no reward function for this source, and no reward model
+  assert "--reward-model" in capsys.readouterr().err
+  assert onpolicy.main(argv + ["steps=3"]) == 2
+  assert "only data.* keys" in capsys.readouterr().err
 
 
 class FakeRounds:
@@ -195,13 +200,17 @@ def test_rounds_chain_policies_and_a_rerun_skips_finished_rounds(tmp_path, polic
   fake = FakeRounds()
   out = tmp_path / "it"
   argv = ["--init-from", policy_dir, "--out", str(out), "--rounds", "2", "--seed", "5",
-          "--k", "3", "steps=3"]
+          "--k", "3", "steps=3", "data.max_length=48"]
   assert iterative_dpo.main(argv, command=fake) == 0
   gen0, dpo0, gen1, dpo1 = fake.calls
   assert gen0[gen0.index("--policy") + 1] == policy_dir
   assert gen1[gen1.index("--policy") + 1] == str(out / "round-0" / "export")
   assert [g[g.index("--seed") + 1] for g in (gen0, gen1)] == ["5", "6"]  # fresh prompts
   assert gen0[gen0.index("--k") + 1] == "3"
+  # Prompts come from the DPO runs' data config; other keys only reach the DPO runs.
+  assert gen0[gen0.index("--experiment") + 1] == "tiny/dpo_onpolicy"
+  assert "data.max_length=48" in gen0 and "steps=3" not in gen0
+  assert "data.max_length=48" in dpo0
   assert f"init_from={out / 'round-0' / 'export'}" in dpo1
   assert f"data.pairs={out / 'round-1' / 'pairs.jsonl'}" in dpo1 and "steps=3" in dpo1
   assert "experiment=tiny/dpo_onpolicy" in dpo0 and "train.export=true" in dpo0
