@@ -16,11 +16,13 @@ REFERENCE.md "PPO"; metric names are TRL's.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import chz
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jrlhf.algorithms import step
 from jrlhf.algorithms.common import masked_mean
@@ -176,13 +178,17 @@ def response_logprobs(model, params: Any, batch: dict[str, Array], temperature: 
   Positions come from the mask exactly as the sampler assigns them, so on the sampling params
   this reproduces the sampler's logprobs (the first ratio is 1)."""
   tokens_BxL, mask_BxL = batch["tokens"], batch["attention_mask"]
-  n = batch["response_mask"].shape[1]
   logits_BxLxV = model.apply({"params": params}, tokens_BxL, attention_mask_BxL=mask_BxL,
                              positions_BxL=default_positions(tokens_BxL, mask_BxL))
+  return _sampled_logprobs(logits_BxLxV, batch, temperature)
+
+
+def _sampled_logprobs(logits_BxLxV: Array, batch: dict[str, Array], temperature: float) -> Array:
+  n = batch["response_mask"].shape[1]
   # Logits at column t predict token t + 1: the last N predictions cover the response.
   logits_BxNxV = logits_BxLxV[:, -n - 1:-1].astype(jnp.float32) / temperature
   logp_BxNxV = jax.nn.log_softmax(logits_BxNxV, axis=-1)
-  return jnp.take_along_axis(logp_BxNxV, tokens_BxL[:, -n:, None], axis=-1)[..., 0]
+  return jnp.take_along_axis(logp_BxNxV, batch["tokens"][:, -n:, None], axis=-1)[..., 0]
 
 
 def reference_logprobs(state, batch: dict[str, Array], model, temperature: float) -> Array:
@@ -211,6 +217,92 @@ def sequence_scores(model, params: Any, batch: dict[str, Array]) -> Array:
   return jnp.take_along_axis(values_BxL, last_B[:, None], axis=1)[:, 0]
 
 
+# ---------------------------------------------------------------------------------------------
+# Shared trunk (value_model=shared): a value head on the policy's last hidden state, so one
+# forward pass gives the log-probs and the values. Its params are a small tree of their own
+# (`init_value_head`), not a leaf of the model's: the sampler, the reference and checkpoints of
+# the policy stay as they are, and the head is trainable under every PEFT method.
+
+
+def init_value_head(hidden_size: int) -> dict[str, Array]:
+  """A zero value head (every value starts at 0, as the separate critic's zero score head), in
+  float32: it is D + 1 numbers, and values are regression targets."""
+  return {"kernel": jnp.zeros((hidden_size, 1), jnp.float32), "bias": jnp.zeros((1,), jnp.float32)}
+
+
+def logprobs_and_values(model, params: Any, head: dict[str, Array], batch: dict[str, Array],
+                        temperature: float) -> tuple[Array, Array]:
+  """(`response_logprobs`, values aligned as `sequence_values`) from one pass of the policy:
+  values = hidden . kernel + bias on the trunk's final-normed hidden state."""
+  tokens_BxL, mask_BxL = batch["tokens"], batch["attention_mask"]
+  logits_BxLxV, hidden_BxLxD = model.apply(
+      {"params": params}, tokens_BxL, attention_mask_BxL=mask_BxL,
+      positions_BxL=default_positions(tokens_BxL, mask_BxL), return_hidden=True)
+  values_BxL = jnp.einsum("BLD,D->BL", hidden_BxLxD.astype(jnp.float32),
+                          head["kernel"][:, 0]) + head["bias"][0]
+  n = batch["response_mask"].shape[1]
+  return _sampled_logprobs(logits_BxLxV, batch, temperature), values_BxL[:, -n - 1:-1]
+
+
+def shared_values(model, params: Any, head: dict[str, Array], batch: dict[str, Array]) -> Array:
+  """The values alone (the unused logits are dead code under jit)."""
+  return logprobs_and_values(model, params, head, batch, 1.0)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Score normalisation (host side: scores arrive as numpy from the scorer or the reward model).
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningMoments:
+  """Mean and variance of every score seen so far, merged batch by batch (Chan et al.'s
+  parallel update, as TRL's RunningMoments); `var` is the population variance, `std` the
+  Bessel-corrected one. A plain value: `update` returns a new one."""
+
+  mean: float = 0.0
+  var: float = 0.0
+  count: int = 0
+
+  def update(self, x_B: np.ndarray) -> "RunningMoments":
+    x_B = np.asarray(x_B, np.float64)
+    n, mean, var = x_B.size, float(x_B.mean()), float(x_B.var())
+    total = self.count + n
+    delta = mean - self.mean
+    m2 = self.var * self.count + var * n + delta ** 2 * self.count * n / total
+    return RunningMoments(self.mean + delta * n / total, m2 / total, total)
+
+  @property
+  def std(self) -> float:
+    return float(np.sqrt(self.var * self.count / max(self.count - 1, 1)))
+
+
+SCORE_NORMS = ("none", "batch", "running")
+
+
+def normalize_scores(score_B: np.ndarray, kind: str, clip: float = 0.0,
+                     moments: RunningMoments | None = None
+                     ) -> tuple[np.ndarray, RunningMoments | None]:
+  """(scores as the rewards use them, updated moments).
+
+  none: as they are; batch: (s - mean) / std over this batch; running: (s - mean) / std over
+  every score so far, this batch included (`moments` in, updated moments out). Then, with
+  clip > 0, clipped to [-clip, clip]. std is Bessel-corrected, plus 1e-8 (all-equal scores
+  become 0).
+  """
+  score_B = np.asarray(score_B, np.float32)
+  if kind == "batch":
+    std = score_B.std(ddof=1) if score_B.size > 1 else 0.0
+    score_B = (score_B - score_B.mean()) / (std + 1e-8)
+  elif kind == "running":
+    moments = (moments or RunningMoments()).update(score_B)
+    score_B = (score_B - moments.mean) / (moments.std + 1e-8)
+  elif kind != "none":
+    raise ValueError(f"score normalisation {kind!r} is not one of {', '.join(SCORE_NORMS)}")
+  if clip > 0:
+    score_B = np.clip(score_B, -clip, clip)
+  return score_B.astype(np.float32), moments
+
+
 @chz.chz
 class PPOConfig:
   """PPO on sampled responses (REFERENCE.md "PPO"; defaults as there, TRL's names).
@@ -219,9 +311,12 @@ class PPOConfig:
   num_ppo_epochs x num_mini_batches: updates per rollout batch. kl_coef: beta of the per-token
   KL reward (kl_estimator k1 | k3); kl_target > 0 turns on the adaptive controller (horizon
   kl_horizon). gamma, lam: GAE. clip / clip_value: policy ratio and value clipping. vf_coef:
-  weight of the critic's loss. missing_eos_penalty: subtracted from the score of responses that
-  never stopped. reward_model: an RM run's export (HF dir); empty = the task's scorer. The critic
-  is a separate scalar-head model started from reward_model, else from init_from (zero head).
+  weight of the value loss. missing_eos_penalty: subtracted from the score of responses that
+  never stopped. score_norm: none | batch | running (`normalize_scores`), then clipped to
+  +-score_clip when > 0. reward_model: an RM run's export (HF dir); empty = the task's scorer.
+  value_model: separate (a critic of its own: a scalar-head model started from reward_model,
+  else from init_from with a zero head) or shared (a zero value head on the policy's last
+  hidden state, trained with the policy in one step: loss = pg + vf_coef * vf).
   """
 
   prompts_per_step: int = 16
@@ -240,7 +335,10 @@ class PPOConfig:
   vf_coef: float = 0.1
   missing_eos_penalty: float = 0.0
   whiten_rewards: bool = False
+  score_norm: str = "none"
+  score_clip: float = 0.0
   reward_model: str = ""
+  value_model: str = "separate"
 
   @chz.validate
   def _check(self):
@@ -248,6 +346,14 @@ class PPOConfig:
       raise ValueError(f"algorithm.kl_estimator={self.kl_estimator!r} is not one of k1, k3")
     if self.temperature <= 0:
       raise ValueError(f"algorithm.temperature={self.temperature} must be > 0 (sampling)")
+    if self.score_norm not in SCORE_NORMS:
+      raise ValueError(f"algorithm.score_norm={self.score_norm!r} is not one of "
+                       f"{', '.join(SCORE_NORMS)}")
+    if self.score_clip < 0:
+      raise ValueError(f"algorithm.score_clip={self.score_clip} must be >= 0 (0 = no clipping)")
+    if self.value_model not in ("separate", "shared"):
+      raise ValueError(f"algorithm.value_model={self.value_model!r} is not one of separate "
+                       f"(a critic of its own), shared (a value head on the policy's trunk)")
     for name in ("prompts_per_step", "max_new_tokens", "num_ppo_epochs", "num_mini_batches"):
       if getattr(self, name) < 1:
         raise ValueError(f"algorithm.{name}={getattr(self, name)} must be >= 1")
@@ -261,8 +367,11 @@ class PPOConfig:
 
 
 def advantages(batch: dict[str, Array], score_B: Array, values_BxN: Array, kl_coef,
-               cfg: PPOConfig) -> tuple[Array, Array, dict[str, Array]]:
-  """(whitened advantages, returns, metrics) of a rollout batch with its scores and values."""
+               cfg: PPOConfig, raw_score_B: Array | None = None
+               ) -> tuple[Array, Array, dict[str, Array]]:
+  """(whitened advantages, returns, metrics) of a rollout batch with its scores (as the rewards
+  use them: normalised, clipped) and values. The objective/* metrics report `raw_score_B`, the
+  scores before normalisation, when given."""
   mask_BxN = batch["response_mask"]
   kl_BxN = kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], cfg.kl_estimator)
   rewards_BxN = token_rewards(score_B, kl_BxN, mask_BxN, kl_coef)
@@ -270,11 +379,17 @@ def advantages(batch: dict[str, Array], score_B: Array, values_BxN: Array, kl_co
     rewards_BxN = whiten(rewards_BxN, mask_BxN, shift_mean=False)
   adv_BxN, returns_BxN = gae(rewards_BxN, values_BxN, mask_BxN, cfg.gamma, cfg.lam)
   kl_B = jnp.sum(jnp.where(mask_BxN, kl_BxN, 0.0), axis=1)
+  raw_B = score_B if raw_score_B is None else raw_score_B
   return whiten(adv_BxN, mask_BxN), returns_BxN, {
       "objective/kl": jnp.mean(kl_B),
-      "objective/scores": jnp.mean(score_B),
-      "objective/rlhf_reward": jnp.mean(score_B - kl_coef * kl_B),
+      # TRL's: the sampled responses' summed -log p (a one-sample estimate of their entropy).
+      "objective/entropy": jnp.mean(jnp.sum(jnp.where(mask_BxN, -batch["old_logprobs"], 0.0),
+                                            axis=1)),
+      "objective/scores": jnp.mean(raw_B),
+      "objective/rlhf_reward": jnp.mean(raw_B - kl_coef * kl_B),
       "objective/non_score_reward": jnp.mean(-kl_coef * kl_B),
+      "val/advantages_mean": masked_mean(adv_BxN, mask_BxN),
+      "val/values_mean": masked_mean(values_BxN, mask_BxN),
   }
 
 
@@ -302,3 +417,28 @@ def critic_step(state, batch: dict[str, Array], *, model, cfg: PPOConfig, opt):
   (_, (loss, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
   state, update = step.apply_gradients(state, grads, opt)
   return state, {"loss/value": loss, **stats, "value/grad_norm": update["grad_norm"]}
+
+
+def shared_step(states, batch: dict[str, Array], *, model, cfg: PPOConfig, opt):
+  """One optimizer step of the policy and its value head on a mini-batch, `states` = (policy
+  state, value-head state): loss = pg + vf_coef * vf, so the value loss also shapes the trunk
+  (scaled down by vf_coef). Each half steps with `opt` on its own gradients."""
+  state, head = states
+
+  def loss_fn(trainable, head_params):
+    params = step.combine_params(trainable, state.frozen)
+    logp_BxN, values_BxN = logprobs_and_values(model, params, head_params, batch,
+                                               cfg.temperature)
+    mask_BxN = batch["response_mask"]
+    pg, pg_stats = policy_loss(logp_BxN, batch["old_logprobs"], batch["advantages"], mask_BxN,
+                               cfg.clip)
+    vf, vf_stats = value_loss(values_BxN, batch["old_values"], batch["returns"], mask_BxN,
+                              cfg.clip_value)
+    return pg + cfg.vf_coef * vf, (pg, vf, {**pg_stats, **vf_stats})
+
+  (loss, (pg, vf, stats)), (grads, head_grads) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(state.trainable, head.trainable)
+  state, update = step.apply_gradients(state, grads, opt)
+  head, head_update = step.apply_gradients(head, head_grads, opt)
+  return (state, head), {"loss/policy": pg, "loss/value": vf, "loss/total": loss, **stats,
+                         **update, "value/grad_norm": head_update["grad_norm"]}
