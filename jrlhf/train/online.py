@@ -22,8 +22,8 @@ the reference and the reward model (whose weights live there) score them.
 
 Each step logs where its time went, waiting on the device at every boundary:
 `perf/reshard_s` (prompts onto the device, copies between the layouts, the update batch's
-assembly), `perf/rollout_s` (sampling), `perf/reference_s`,
-`perf/score_s` (decoding + the task's scorer or the reward model), `perf/update_s`.
+assembly), `perf/rollout_s` (sampling), `perf/reference_s`, `perf/score_s` (decoding + the
+task's scorer or the reward model), `perf/update_s`.
 """
 
 from __future__ import annotations
