@@ -363,9 +363,16 @@ def make_plan(cfg, target: Target, *, costs: bool = True) -> Plan:
   compiles that give FLOPs and the step-time estimate (memory only)."""
   from jrlhf.sharding import make_mesh  # noqa: PLC0415
   from jrlhf.train.optimizer import make_optimizer  # noqa: PLC0415
-  from jrlhf.train.state import abstract_state  # noqa: PLC0415
+  from jrlhf.train.state import abstract_state, checkpoint_model_config  # noqa: PLC0415
 
   from jrlhf import plan_online  # noqa: PLC0415 - online RL's programs build on this module
+
+  if cfg.init_from:
+    # The run builds the checkpoint's shapes (its config.json), whatever model.* says.
+    try:
+      cfg = chz.replace(cfg, model=checkpoint_model_config(cfg.model, cfg.init_from))
+    except (OSError, ValueError) as e:
+      raise PlanError(f"init_from={cfg.init_from}: {e}") from None
 
   programs = PROGRAMS.get(type(cfg.algorithm)) or plan_online.PROGRAMS.get(type(cfg.algorithm))
   if programs is None:

@@ -97,7 +97,12 @@ def abstract_params(model: Transformer) -> dict[str, Any]:
 # Reading.
 
 
-def _resolve(path_or_hub_id: str | os.PathLike) -> Path:
+def read_hf_config(path_or_hub_id: str | os.PathLike) -> dict[str, Any]:
+  """A checkpoint's parsed config.json (from the hub: that file alone, no weights)."""
+  return json.loads((_resolve(path_or_hub_id, weights=False) / "config.json").read_text())
+
+
+def _resolve(path_or_hub_id: str | os.PathLike, weights: bool = True) -> Path:
   path = Path(path_or_hub_id).expanduser()
   if path.is_dir():
     return path
@@ -108,7 +113,8 @@ def _resolve(path_or_hub_id: str | os.PathLike) -> Path:
 
   try:
     return Path(huggingface_hub.snapshot_download(
-        str(path_or_hub_id), allow_patterns=["config.json", "*.safetensors", INDEX_FILE]))
+        str(path_or_hub_id),
+        allow_patterns=["config.json", *(("*.safetensors", INDEX_FILE) if weights else ())]))
   except Exception as e:  # offline, unknown repo, gated model, network: one actionable message
     raise FileNotFoundError(
         f"{path_or_hub_id!r} is not a local directory and could not be fetched from the hub "

@@ -26,6 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jrlhf.algorithms.step import REFERENCE
 from jrlhf.models import ModelConfig, Transformer, from_pretrained
+from jrlhf.models.hf import read_hf_config
+from jrlhf.models.hf_config import config_from_hf
 from jrlhf.peft.config import FullFinetune
 from jrlhf.peft.trainable import split_trainable
 from jrlhf.sharding import init_sharded, param_shardings
@@ -57,6 +59,16 @@ class TrainState:
 
 def _example_tokens():
   return jnp.zeros((1, 1), jnp.int32)
+
+
+def checkpoint_model_config(model_cfg: ModelConfig, init_from: str | None) -> ModelConfig:
+  """The model a run builds: `init_from`'s shapes (its config.json, no weights read) with the
+  run's runtime fields (dtypes, remat, ...), as `load_model` would; `model_cfg` itself without
+  init_from. For ahead-of-time plans, which never load the weights."""
+  if not init_from:
+    return model_cfg
+  runtime = {name: getattr(model_cfg, name) for name in RUNTIME_FIELDS}
+  return config_from_hf(read_hf_config(init_from), **runtime)
 
 
 def load_model(model_cfg: ModelConfig, init_from: str | None, mesh: Mesh, seed: int,
@@ -149,7 +161,8 @@ def create_state(model_cfg: ModelConfig, opt: Optimizer, mesh: Mesh, *, seed: in
   `reference`: keep a frozen reference copy under full fine-tuning (DPO)."""
   peft = peft or FullFinetune()
   model, params, params_sh = load_model(model_cfg, init_from, mesh, seed, head)
-  params, params_sh = apply_peft(peft, params, params_sh, model_cfg, mesh, seed, encode)
+  # model.cfg, not model_cfg: with init_from the shapes are the checkpoint's.
+  params, params_sh = apply_peft(peft, params, params_sh, model.cfg, mesh, seed, encode)
   split = functools.partial(_split, peft, head=head, reference=reference)
   (trainable, frozen), (trainable_sh, frozen_sh) = split(params), split(params_sh)
   if REFERENCE in frozen:

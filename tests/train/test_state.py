@@ -43,3 +43,28 @@ def test_init_from_loads_the_checkpoint_with_run_settings(tmp_path):
   assert loaded_model.cfg.hidden_size == 32 and loaded_model.cfg.remat == "full"
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.trainable),
                jax.device_get(state.trainable))
+
+
+def test_peft_and_plans_use_the_checkpoints_shapes_not_model_defaults(tmp_path):
+  """init_from's config.json decides the shapes: a run config left at the default model (as an
+  experiment that only names init_from) must still build prompt tokens of the checkpoint's
+  width, and its ahead-of-time plan must count the checkpoint's parameters."""
+  from jrlhf import config as config_lib, plan  # noqa: PLC0415
+  from jrlhf.peft.config import LoraConfig, PromptConfig  # noqa: PLC0415
+
+  mesh = make_mesh(MeshConfig())
+  opt = make_optimizer(OptimConfig(), 10)
+  model, state, _ = create_state(CFG, opt, mesh, seed=1)
+  save_pretrained(tmp_path, model, state.trainable)
+  default = ModelConfig()
+  assert default.hidden_size != CFG.hidden_size
+  loaded, prompted, _ = create_state(default, opt, mesh, init_from=str(tmp_path),
+                                     peft=PromptConfig(num_virtual_tokens=3))
+  assert loaded.cfg.hidden_size == CFG.hidden_size
+  (prompt,) = jax.tree.leaves(prompted.trainable)
+  assert prompt.shape == (3, CFG.hidden_size)
+
+  run = config_lib.Config(init_from=str(tmp_path), peft=LoraConfig(rank=2))
+  planned = plan.make_plan(run, plan.parse_target("cpu"), costs=False)
+  _, lora, _ = create_state(CFG, opt, mesh, init_from=str(tmp_path), peft=LoraConfig(rank=2))
+  assert planned.trainable_params == sum(x.size for x in jax.tree.leaves(lora.trainable))
