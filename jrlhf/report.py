@@ -20,7 +20,8 @@ policy_eval.json (`jrlhf.policy_eval`) and plan.json (`jrlhf.study`'s compiled-s
 more metrics row at that step: their metrics get final/best columns and a last point on the
 plots. A file that does not parse is a note in the run's status (so the run is not ok, and is
 left out of the means below). `--metrics eval/accuracy,params/*` keeps only the metrics that
-match those names or shell patterns in the tables and plots.
+match those names or shell patterns in the tables and plots; `--keys algorithm,peft` shows
+only those config keys (it refuses keys that would merge two different configurations).
 
 Seeds. When the runs differ in `seed`, the report is by configuration (the differing keys other
 than `seed`); the runs that share one are its seeds:
@@ -98,6 +99,7 @@ def direction(metric: str) -> str | None:
 class Run:
   path: Path
   config: dict[str, Any] | None = None
+  name: str = ""  # the run column: the dir name, or its path below the runs' common parent
   rows: list[dict[str, Any]] = field(default_factory=list)
   bad_lines: int = 0
   status: str = "ok"
@@ -201,6 +203,34 @@ def _names(value: list[str] | str) -> list[str]:
   return [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
 
 
+def name_runs(runs: list[Run]) -> None:
+  """Run names: dir names, or (when those repeat, as `<arm>/run` in a study) the paths below
+  the runs' common parent."""
+  names = [r.path.name for r in runs]
+  if len(set(names)) < len(names):
+    parent = Path(os.path.commonpath([r.path.resolve() for r in runs]))
+    names = [str(r.path.resolve().relative_to(parent)) for r in runs]
+  for run, name in zip(runs, names):
+    run.name = name
+
+
+def keep_keys(runs: list[Run], keys: list[str]) -> None:
+  """Shows only these config keys (and seed); refuses a choice that would merge two different
+  configurations into one row."""
+  seen: dict[str, tuple[str, str]] = {}
+  for run in runs:
+    if run.config is None:
+      continue
+    full = json.dumps({k: v for k, v in run.config.items()
+                       if k not in (*IGNORED_KEYS, "seed")}, sort_keys=True, default=str)
+    shown = json.dumps({k: run.config.get(k) for k in keys}, sort_keys=True, default=str)
+    if shown in seen and seen[shown][0] != full:
+      raise ReportError(f"--keys {','.join(keys)}: runs {seen[shown][1]} and {run.name} differ "
+                        f"in other keys; add the keys that tell them apart")
+    seen[shown] = (full, run.name)
+    run.config = {k: run.config[k] for k in (*keys, "seed") if k in run.config}
+
+
 def keep_only(runs: list[Run], patterns: list[str]) -> None:
   """Drops every metric that matches none of `patterns` (names or shell patterns)."""
   for run in runs:
@@ -250,7 +280,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[Any]]]:
   header = ["run", "status", *keys, "step", *(name for name, _ in columns)]
   rows = []
   for run in runs:
-    row: list[Any] = [run.path.name, run.status]
+    row: list[Any] = [run.name or run.path.name, run.status]
     row += [cell((run.config or {}).get(k, "")) for k in keys]
     row.append("" if run.last_step is None else run.last_step)
     row += [_blank(value(run)) for _, value in columns]
@@ -362,7 +392,7 @@ def describe(values: dict[str, Any]) -> str:
 def labels(runs: list[Run]) -> list[str]:
   keys = differing_keys(runs)
   return [describe({k: run.config[k] for k in keys if run.config and k in run.config})
-          or run.path.name for run in runs]
+          or run.name or run.path.name for run in runs]
 
 
 def default_out(paths: list[Path]) -> Path:
@@ -375,7 +405,8 @@ def default_out(paths: list[Path]) -> Path:
 
 def report(paths: list[str | os.PathLike], out: str | os.PathLike | None = None,
            with_plots: bool = True, *, aggregate: bool = True, xy: Any = None,
-           series: str | None = None, metrics: list[str] | str | None = None) -> Path:
+           series: str | None = None, metrics: list[str] | str | None = None,
+           keys: list[str] | str | None = None) -> Path:
   """Write report.md, report.csv, plots/ (and runs.csv, frontier.*: see the module docstring)
   for the runs; returns the output dir."""
   from jrlhf import report_aggregate as agg  # noqa: PLC0415 (it builds on this module)
@@ -383,8 +414,11 @@ def report(paths: list[str | os.PathLike], out: str | os.PathLike | None = None,
   paths = [Path(p) for p in paths]
   runs = [load_run(p) for p in paths]
   pairs = agg.parse_xy(xy)
+  name_runs(runs)
   if metrics:
     keep_only(runs, [*_names(metrics), *(m for pair in pairs for m in pair)])
+  if keys:
+    keep_keys(runs, list(dict.fromkeys([*_names(keys), *([series] if series else [])])))
   agg.check_frontier_args(runs, pairs, series)
   out = Path(out) if out else default_out(paths)
   out.mkdir(parents=True, exist_ok=True)
@@ -426,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                            "(repeatable; writes frontier.md/.csv)")
   parser.add_argument("--metrics", metavar="M,M",
                       help="only these metrics (names or shell patterns, comma-separated)")
+  parser.add_argument("--keys", metavar="K,K",
+                      help="config keys to show (default: every key that differs)")
   parser.add_argument("--series", metavar="KEY",
                       help="config key whose value names a --xy series (e.g. algorithm)")
   args = parser.parse_args(argv)
@@ -439,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     out = report(args.runs, args.out, with_plots=not args.no_plots,
                  aggregate=not args.no_aggregate, xy=args.xy, series=args.series,
-                 metrics=args.metrics)
+                 metrics=args.metrics, keys=args.keys)
   except ReportError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

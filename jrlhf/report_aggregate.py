@@ -71,7 +71,7 @@ class Group:
 
   @property
   def status(self) -> str:
-    left_out = [f"{r.path.name} ({r.status})" for r in self.runs if r.status != "ok"]
+    left_out = [f"{r.name or r.path.name} ({r.status})" for r in self.runs if r.status != "ok"]
     if not left_out:
       return "ok"
     return f"{len(self.ok)} of {len(self.runs)} ok; left out: " + "; ".join(left_out)

@@ -379,3 +379,15 @@ def test_plan_json_and_a_metrics_filter_make_the_peft_table(tmp_path):
       "eval-exact_match.png", "memory-train_step_gib.png", "params-trainable.png"]
   with pytest.raises(report.ReportError, match="no metrics left"):
     report.report(paths, tmp_path / "none", metrics="nothing/*")
+
+
+def test_keys_choose_the_config_columns_and_runs_are_named_by_path(tmp_path):
+  paths = [make_run(tmp_path / arm, "run", {"peft": arm, "optim.lr": lr}, curve(3.0, 0.1))
+           for arm, lr in (("lora", 1e-3), ("prompt", 3e-2))]
+  out = report.report(paths, tmp_path / "out", keys="peft")
+  header, rows = read_csv(out / "report.csv")
+  assert header[:4] == ["run", "status", "peft", "step"]
+  assert [r["run"] for r in rows] == ["lora/run", "prompt/run"]
+  same = make_run(tmp_path / "lora2", "run", {"peft": "lora", "optim.lr": 5e-4}, curve(3.0, 0.1))
+  with pytest.raises(report.ReportError, match="add the keys that tell them apart"):
+    report.report([*paths, same], tmp_path / "bad", keys="peft")
