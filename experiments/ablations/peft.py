@@ -4,8 +4,9 @@ Shows: full fine-tuning vs LoRA (rank 4, 16) vs QLoRA (NF4, rank 16) vs bottlene
 (Houlsby) vs prompt tuning vs prefix tuning, on SFT and on DPO, all from one partly trained SFT
 model (the start run: tiny/sft stopped at 300 steps, well below its 800-step accuracy, so SFT
 has something left to learn). Every arm trains the same number of steps at a learning rate
-suited to its method (full 1e-3; LoRA, QLoRA, adapters 3e-3; prompt / prefix 3e-2 for SFT; DPO a
-tenth of those). One table (report.md) gives per run: `eval/accuracy` (greedy exact match on
+suited to its method (SFT: full 1e-3; LoRA, QLoRA, adapters 3e-3; prompt / prefix 3e-2. DPO,
+300 steps of tiny/dpo's RPO loss: full 3e-4; LoRA, QLoRA, adapters 1e-3; prompt / prefix 1e-2).
+For DPO the table adds `eval/rewards/accuracies` (held-out pairs ranked right). One table (report.md) gives per run: `eval/accuracy` (greedy exact match on
 256 held-out prompts), `params/trainable` and `memory/train_step_gib` (the train step compiled
 ahead of time for one CPU device, `plan=cpu`: arguments + outputs + temporaries, donated state
 counted once), and `perf/step_time_s` (the last log window, after compilation).
@@ -15,8 +16,8 @@ Hardware: 2 CPU cores; wall time and results in docs/ablations/README.md.
 
 _SFT = {"experiment": "tiny/sft", "init_from": "{start}", "steps": 300, "optim.lr": 3e-3,
         "optim.warmup_steps": 20, "train.eval_every": 300, "train.checkpoint_every": 300}
-_DPO = {"experiment": "tiny/dpo", "init_from": "{start}", "steps": 200, "optim.lr": 3e-4,
-        "optim.warmup_steps": 10, "train.eval_every": 200, "train.checkpoint_every": 200}
+_DPO = {"experiment": "tiny/dpo", "init_from": "{start}", "steps": 300, "optim.lr": 1e-3,
+        "optim.warmup_steps": 10, "train.eval_every": 300, "train.checkpoint_every": 300}
 _LORA = {"peft": "lora", "peft.rank": "4,16", "peft.alpha": 16.0}
 _QLORA = {"peft": "qlora", "peft.rank": 16, "peft.alpha": 16.0}
 
@@ -31,14 +32,16 @@ STUDY = {
         "sft-adapter": {**_SFT, "peft": "adapter"},
         "sft-prompt": {**_SFT, "peft": "prompt", "optim.lr": 3e-2},
         "sft-prefix": {**_SFT, "peft": "prefix", "optim.lr": 3e-2},
-        "dpo-full": {**_DPO, "optim.lr": 1e-4},
+        "dpo-full": {**_DPO, "optim.lr": 3e-4},
         "dpo-lora": {**_DPO, **_LORA},
         "dpo-qlora": {**_DPO, **_QLORA},
         "dpo-adapter": {**_DPO, "peft": "adapter"},
-        "dpo-prompt": {**_DPO, "peft": "prompt", "optim.lr": 3e-3},
-        "dpo-prefix": {**_DPO, "peft": "prefix", "optim.lr": 3e-3},
+        "dpo-prompt": {**_DPO, "peft": "prompt", "optim.lr": 1e-2},
+        "dpo-prefix": {**_DPO, "peft": "prefix", "optim.lr": 1e-2},
     },
     "seeds": 1,
     "plan": "cpu",
-    "report": {"metrics": "eval/accuracy,params/trainable,memory/train_step_gib,perf/step_time_s"},
+    "report": {"metrics": "eval/accuracy,eval/rewards/accuracies,params/trainable,"
+                          "memory/train_step_gib,perf/step_time_s",
+               "keys": "algorithm,peft,peft.rank,optim.lr"},
 }
