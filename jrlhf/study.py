@@ -14,7 +14,7 @@ hardware and how long) and a dict `STUDY`:
   seeds       each arm point repeats over seed=0..seeds-1 (`--seeds` overrides it).
   policy_eval optional settings of `jrlhf.policy_eval` (prompts, samples, ...): after each arm
               run, the task reward and the sequence-level KL to the start, measured one way for
-              every arm.
+              every arm (and for the start itself, the origin: it joins the report).
   plan        optional `plan=` target ("cpu", "v5p:2x2x1"): each arm point's compiled train-step
               memory and trainable parameters, from an ahead-of-time compile.
   report      keyword arguments of `jrlhf.report.report` (`xy`, `series`, ...).
@@ -232,6 +232,9 @@ def run_study(name: str, *, reduced: bool = False, seeds: int | None = None, job
     from jrlhf import policy_eval  # noqa: PLC0415 - imports JAX
 
     settings = policy_eval.EvalSettings(**study["policy_eval"])
+    if start_point is not None:
+      # The start itself: the frontier's origin (KL 0, the reward the arms start from).
+      done = [start_point, *done]
     for p in done:
       if not (p.run_dir / policy_eval.EVAL_FILE).exists():
         policy_eval.evaluate_run(p.run_dir, reference=start_export, settings=settings)
@@ -245,8 +248,9 @@ def run_study(name: str, *, reduced: bool = False, seeds: int | None = None, job
   if done:
     report.report([p.run_dir for p in done], out, **study.get("report", {}))
   minutes = (time.perf_counter() - started) / 60
-  print(f"[study] {len(done)} of {len(points)} runs finished; {minutes:.1f} min; report: {out}")
-  return 0 if len(done) == len(points) else 1
+  finished_arms = sum(good for good in ok)
+  print(f"[study] {finished_arms} of {len(points)} runs finished; {minutes:.1f} min; report: {out}")
+  return 0 if finished_arms == len(points) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,7 +103,8 @@ def test_reduced_frontier_writes_its_table_and_plot(tmp_path):
     assert {"policy/reward", "policy/kl", "policy/accuracy"} <= set(evaluated["metrics"])
   with open(root / "report" / "frontier.csv") as f:
     rows = list(csv.DictReader(f))
-  assert {r["series"] for r in rows} == {"dpo", "grpo"}
+  assert {r["series"] for r in rows} == {"sft", "dpo", "grpo"}  # the start is the origin
+  assert [float(r["policy/kl mean"]) for r in rows if r["series"] == "sft"] == [0.0]
   assert {"policy/kl mean", "policy/reward mean", "seeds"} <= set(rows[0])
   assert all(float(r["policy/kl mean"]) >= -0.5 for r in rows)  # a KL estimate, near >= 0
   assert (root / "report" / "plots" / "policy-reward-vs-policy-kl.png").stat().st_size > 1000
