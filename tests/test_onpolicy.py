@@ -205,7 +205,7 @@ def test_rounds_chain_policies_and_a_rerun_skips_finished_rounds(tmp_path, polic
   gen0, dpo0, gen1, dpo1 = fake.calls
   assert gen0[gen0.index("--policy") + 1] == policy_dir
   assert gen1[gen1.index("--policy") + 1] == str(out / "round-0" / "export")
-  assert [g[g.index("--seed") + 1] for g in (gen0, gen1)] == ["5", "6"]  # fresh prompts
+  assert [g[g.index("--seed") + 1] for g in (gen0, gen1)] == ["5", "6"]  # new prompts
   assert gen0[gen0.index("--k") + 1] == "3"
   # Prompts come from the DPO runs' data config; other keys only reach the DPO runs.
   assert gen0[gen0.index("--experiment") + 1] == "tiny/dpo_onpolicy"
