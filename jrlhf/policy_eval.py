@@ -18,8 +18,8 @@ as the run's last logged step:
 
   policy/reward      mean task score of the sampled responses
   policy/kl          mean sequence-level KL to the reference (nats per response)
-  policy/kl_stderr   its standard error over the responses
   policy/accuracy    greedy exact match (the runs' eval/accuracy, on the same prompts)
+  policy/*_stderr    the standard error of each of those three (the report's error bars)
   policy/length      mean response length (tokens, EOS included); policy/eos_fraction
 """
 
@@ -68,6 +68,12 @@ class EvalSettings:
 def sequence_kl(logp_BxN: jax.Array, ref_logp_BxN: jax.Array, mask_BxN: jax.Array) -> jax.Array:
   """Per-response sum of log pi - log pi_ref over the response tokens (k1, summed)."""
   return jnp.sum(jnp.where(mask_BxN, logp_BxN - ref_logp_BxN, 0.0), axis=-1)
+
+
+def stderr(values) -> float:
+  """Standard error of the mean (sample std / sqrt(n)); 0 for fewer than two values."""
+  values = np.asarray(values, np.float64)
+  return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def _logprobs(model, params, batch, temperature):
@@ -137,9 +143,11 @@ def evaluate_policy(policy_dir: str | pathlib.Path, reference_dir: str | pathlib
   kl = np.asarray(kl, np.float64)
   return {
       "policy/reward": float(np.mean(rewards)),
+      "policy/reward_stderr": stderr(rewards),
       "policy/kl": float(kl.mean()),
-      "policy/kl_stderr": float(kl.std(ddof=1) / math.sqrt(len(kl))) if len(kl) > 1 else 0.0,
+      "policy/kl_stderr": stderr(kl),
       "policy/accuracy": float(np.mean(greedy_scores)),
+      "policy/accuracy_stderr": stderr(greedy_scores),
       "policy/length": float(np.mean(lengths)),
       "policy/eos_fraction": float(np.mean(done)),
       "policy/responses": float(len(kl)),

@@ -239,7 +239,8 @@ def _point_label(group: Group, keys: list[str], series: str | None) -> str:
 
 def plot_frontier(keys: list[str], groups: list[Group], x: str, y: str, series: str | None,
                   out: Path) -> Path:
-  """plots/<y>-vs-<x>.png: a point per configuration with ± std error bars, a line per series."""
+  """plots/<y>-vs-<x>.png: a point per configuration with ± std error bars (one seed: ± its
+  `<metric>_stderr` if logged), a line per series."""
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(6, 4.5))
   keys = [k for k in keys if k != series]
@@ -249,8 +250,9 @@ def plot_frontier(keys: list[str], groups: list[Group], x: str, y: str, series: 
     if not points:
       continue
     xs, ys = [p[1] for p in points], [p[2] for p in points]
-    ax.errorbar([s.mean for s in xs], [s.mean for s in ys], xerr=_errors(xs), yerr=_errors(ys),
-                fmt="o-", color=f"C{i}", capsize=3, label=name)
+    groups_here = [p[0] for p in points]
+    ax.errorbar([s.mean for s in xs], [s.mean for s in ys], xerr=_errors(xs, groups_here, x),
+                yerr=_errors(ys, groups_here, y), fmt="o-", color=f"C{i}", capsize=3, label=name)
     varying = _varying([p[0] for p in points], keys)
     for g, sx, sy in points:
       ax.annotate(_point_label(g, varying, series), (sx.mean, sy.mean), fontsize="x-small",
@@ -264,8 +266,13 @@ def plot_frontier(keys: list[str], groups: list[Group], x: str, y: str, series: 
   return save(fig, plot_path(out, f"{y}-vs-{x}"))
 
 
-def _errors(stats: list[Stat]) -> list[float] | None:
-  errors = [s.std or 0.0 for s in stats]
+def _errors(stats: list[Stat], groups: list[Group], metric: str) -> list[float] | None:
+  """± std over seeds; for a single seed, the run's own standard error of the metric when it
+  logged one as `<metric>_stderr` (policy_eval does: a measurement's sampling noise)."""
+  errors = []
+  for stat, group in zip(stats, groups):
+    stderr = group.stat(_final(f"{metric}_stderr")) if len(group.ok) == 1 else None
+    errors.append(stat.std or (stderr.mean if stderr else 0.0))
   return errors if any(errors) else None
 
 

@@ -391,3 +391,13 @@ def test_keys_choose_the_config_columns_and_runs_are_named_by_path(tmp_path):
   same = make_run(tmp_path / "lora2", "run", {"peft": "lora", "optim.lr": 5e-4}, curve(3.0, 0.1))
   with pytest.raises(report.ReportError, match="add the keys that tell them apart"):
     report.report([*paths, same], tmp_path / "bad", keys="peft")
+
+
+def test_single_seed_error_bars_are_the_measurements_stderr(tmp_path):
+  runs = [report.load_run(policy_run(tmp_path, "dpo", "algorithm.beta", b, 0, 3.0, 0.7, kl))
+          for b, kl in ((0.1, 2.0), (0.3, 1.0))]
+  _, groups = report_aggregate.one_per_run(runs)
+  stats = [g.stat(report_aggregate._final("policy/kl")) for g in groups]
+  assert report_aggregate._errors(stats, groups, "policy/kl") == [0.1, 0.1]  # policy/kl_stderr
+  rewards = [g.stat(report_aggregate._final("policy/reward")) for g in groups]
+  assert report_aggregate._errors(rewards, groups, "policy/reward") is None  # none logged
