@@ -23,6 +23,8 @@ STUDY = {
                 "steps": 300, "train.eval_every": 300, "train.checkpoint_every": 300,
                 "optim.lr": 1e-3, "algorithm.beta": "0.03,0.1,0.3,1.0"},
         "ppo": {"experiment": "tiny/ppo", "init_from": "{start}", "train.export": True,
+                "algorithm.prompts_per_step": 128, "optim.lr": 5e-5, "steps": 100,
+                "train.eval_every": 100, "train.checkpoint_every": 100,
                 "algorithm.kl_coef": "0.01,0.05,0.2"},
         "grpo": {"experiment": "tiny/grpo", "init_from": "{start}", "train.export": True,
                  "optim.lr": 2e-4, "algorithm.kl_coef": "0.0,0.05,0.3"},
