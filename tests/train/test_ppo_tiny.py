@@ -36,6 +36,9 @@ def test_ppo_with_several_updates_per_step_resumes_exactly(tmp_path, value_model
   assert {"loss/value", "objective/entropy", "objective/scores_normalized"} <= set(rows[0])
   # The adaptive controller moved beta, so a resume that restarted it would show.
   assert rows[2]["objective/kl_coef"] != rows[0]["objective/kl_coef"]
+  # The (cosine) schedule spans steps x updates: the last step still learns (its updates ran at
+  # lr 0 when the schedule ended after `steps` updates).
+  assert all(r["policy/approxkl"] > 0 and r["lr"] > 0 for r in rows)
 
   rollout = online._Online.rollout
 
@@ -50,6 +53,11 @@ def test_ppo_with_several_updates_per_step_resumes_exactly(tmp_path, value_model
   assert deterministic(read(tmp_path / "split" / "metrics.jsonl")) == deterministic(rows)
   host = json.loads((tmp_path / "split" / "ppo_host_state.json").read_text())
   assert "3" in host and host["3"]["moments"]["count"] == 3 * 16
+
+  # Starting over in a used run dir (train.resume=false) clears the critic's checkpoints with
+  # the policy's, so it repeats the first run instead of starting from the last critic.
+  online.train(chz.replace(cfg, train=chz.replace(cfg.train, resume=False)), tmp_path / "whole")
+  assert deterministic(read(tmp_path / "whole" / "metrics.jsonl")) == deterministic(rows)
 
 
 def run_cli(experiment, *args, cwd):
