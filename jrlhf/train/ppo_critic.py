@@ -82,13 +82,7 @@ class PPORun(_Online):
     optim = chz.replace(cfg.optim, warmup_steps=cfg.optim.warmup_steps * self.updates_per_step)
     self.opt = make_optimizer(optim, cfg.steps * self.updates_per_step)
     self.shared = alg.value_model == "shared"
-    if self.shared:
-      critic, critic_sh = value_head_state(self.model.cfg.hidden_size, self.opt, self.mesh,
-                                           cfg.seed + 7)
-    else:
-      self.critic_model, critic, critic_sh = create_state(
-          cfg.model, self.opt, self.mesh, seed=cfg.seed + 7,
-          init_from=alg.reward_model or cfg.init_from, peft=cfg.peft, head="scalar")
+    critic, critic_sh = self._value_model()
     critic_dir = self.run_dir / "critic_checkpoints"
     if not cfg.train.resume:  # as the policy's: a fresh run must not pick up an old critic
       checkpoint.clear(critic_dir)
@@ -102,23 +96,37 @@ class PPORun(_Online):
                                           compute_dtype=cfg.model.dtype)
       self._scores = jax.jit(functools.partial(ppo.sequence_scores, rm_model))
     self._advantages = jax.jit(functools.partial(ppo.advantages, cfg=alg))
+    self._jit_updates(critic_sh)
+    self.kl_coef, self.moments = alg.kl_coef, ppo.RunningMoments()
+    self._restore_host_state(int(jax.device_get(self.state.step)))
+
+  def _value_model(self) -> tuple[TrainState, TrainState]:
+    """(state, shardings) of the critic: a zero value head (shared trunk), or a scalar-head
+    model from the reward model, else from the run's start, under the run's PEFT method."""
+    cfg, alg = self.cfg, self.alg
+    if self.shared:
+      return value_head_state(self.model.cfg.hidden_size, self.opt, self.mesh, cfg.seed + 7)
+    self.critic_model, critic, critic_sh = create_state(
+        cfg.model, self.opt, self.mesh, seed=cfg.seed + 7,
+        init_from=alg.reward_model or cfg.init_from, peft=cfg.peft, head="scalar")
+    return critic, critic_sh
+
+  def _jit_updates(self, critic_sh) -> None:
+    alg, state_sh = self.alg, self.state_sh
     if self.shared:
       self._values = jax.jit(functools.partial(_shared_values, model=self.model))
       self.shared_step = jax.jit(
           functools.partial(ppo.shared_step, model=self.model, cfg=alg, opt=self.opt),
-          in_shardings=((self.state_sh, critic_sh), None),
-          out_shardings=((self.state_sh, critic_sh), None), donate_argnums=0)
-    else:
-      self._values = jax.jit(functools.partial(_critic_values, model=self.critic_model))
-      self.policy_step = jax.jit(
-          functools.partial(ppo.policy_step, model=self.model, cfg=alg, opt=self.opt),
-          in_shardings=(self.state_sh, None), out_shardings=(self.state_sh, None),
+          in_shardings=((state_sh, critic_sh), None), out_shardings=((state_sh, critic_sh), None),
           donate_argnums=0)
-      self.critic_step = jax.jit(
-          functools.partial(ppo.critic_step, model=self.critic_model, cfg=alg, opt=self.opt),
-          in_shardings=(critic_sh, None), out_shardings=(critic_sh, None), donate_argnums=0)
-    self.kl_coef, self.moments = alg.kl_coef, ppo.RunningMoments()
-    self._restore_host_state(int(jax.device_get(self.state.step)))
+      return
+    self._values = jax.jit(functools.partial(_critic_values, model=self.critic_model))
+    self.policy_step = jax.jit(
+        functools.partial(ppo.policy_step, model=self.model, cfg=alg, opt=self.opt),
+        in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=0)
+    self.critic_step = jax.jit(
+        functools.partial(ppo.critic_step, model=self.critic_model, cfg=alg, opt=self.opt),
+        in_shardings=(critic_sh, None), out_shardings=(critic_sh, None), donate_argnums=0)
 
   # -------------------------------------------------------------------------------------------
   # Host state: the adaptive KL's beta and the running score moments.
