@@ -144,7 +144,12 @@ class _Online:
       raise ValueError(f"{rows} rollouts per step (prompts_per_step x group_size) must divide "
                        f"over the mesh's {batch_ways(self.mesh)} batch ways")
     self.rollout_mesh = make_rollout_mesh(cfg, self.mesh)
-    self.opt = make_optimizer(cfg.optim, cfg.steps)
+    # The optimizer counts updates, several per rollout step: its schedule (warmup included)
+    # spans all of them, while state.step counts rollout steps (the loop resumes from it).
+    self.updates_per_step = self.updates_per_rollout()
+    self.opt = make_optimizer(
+        chz.replace(cfg.optim, warmup_steps=cfg.optim.warmup_steps * self.updates_per_step),
+        cfg.steps * self.updates_per_step)
     self.model, state, state_sh = create_state(
         cfg.model, self.opt, self.mesh, seed=cfg.seed, init_from=cfg.init_from, peft=cfg.peft,
         encode=lambda text: self.tokenizer.encode(text, add_special_tokens=False),
@@ -265,12 +270,21 @@ class _Online:
   def reward_scores(self, batch) -> np.ndarray:
     raise NotImplementedError  # PPO's reward model (_PPO); GRPO scores with the task
 
+  def updates_per_rollout(self) -> int:
+    return self.alg.epochs  # GRPO / RLOO: `epochs` updates on the whole batch
+
+  @staticmethod
+  def set_step(state, n: int):
+    """`state` with step n: after a rollout step's updates, state.step counts rollout steps."""
+    return state.replace(step=jax.device_put(np.int32(n), state.step.sharding))
+
   def learn(self, step: int, batch: dict[str, Any], scores_B: np.ndarray) -> dict[str, Any]:
     """GRPO / RLOO: group advantages, `epochs` updates on the whole batch."""
     batch["advantages"] = ppo.group_advantages(jnp.asarray(scores_B), self.alg.group_size,
                                                self.alg.baseline)
     for _ in range(self.alg.epochs):
       self.state, metrics = self.update(self.state, batch)
+    self.state = self.set_step(self.state, step + 1)
     return {"objective/scores": float(scores_B.mean()), **jax.device_get(metrics)}
 
   def loop(self) -> dict[str, Any]:

@@ -25,7 +25,6 @@ import functools
 import json
 from typing import Any
 
-import chz
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +37,6 @@ from jrlhf.models import from_pretrained
 from jrlhf.sharding import batch_ways
 from jrlhf.train import checkpoint
 from jrlhf.train.online import _Online
-from jrlhf.train.optimizer import make_optimizer
 from jrlhf.train.state import TrainState, create_state
 
 HOST_STATE = "ppo_host_state.json"
@@ -69,6 +67,9 @@ def value_head_state(hidden_size: int, opt, mesh, seed: int) -> tuple[TrainState
 class PPORun(_Online):
   """`_Online` with PPO's reward model, value model and update."""
 
+  def updates_per_rollout(self) -> int:
+    return self.alg.num_ppo_epochs * self.alg.num_mini_batches
+
   def setup_algorithm(self) -> None:
     cfg, alg = self.cfg, self.alg
     per = alg.prompts_per_step // alg.num_mini_batches
@@ -76,11 +77,6 @@ class PPORun(_Online):
       raise ValueError(f"mini-batches of {per} rollouts must divide over the mesh's "
                        f"{batch_ways(self.mesh)} batch ways; change algorithm.prompts_per_step "
                        f"or algorithm.num_mini_batches")
-    # The optimizer counts updates; stretch its schedule (built for `steps`) to match. Its
-    # state has the same structure, so the policy's, created with the loop's, fits.
-    self.updates_per_step = alg.num_ppo_epochs * alg.num_mini_batches
-    optim = chz.replace(cfg.optim, warmup_steps=cfg.optim.warmup_steps * self.updates_per_step)
-    self.opt = make_optimizer(optim, cfg.steps * self.updates_per_step)
     self.shared = alg.value_model == "shared"
     critic, critic_sh = self._value_model()
     critic_dir = self.run_dir / "critic_checkpoints"
@@ -175,9 +171,6 @@ class PPORun(_Online):
     self.critic, critic_metrics = self.critic_step(self.critic, mini)
     return {**policy_metrics, **critic_metrics}
 
-  def _set_step(self, state, n: int):
-    return state.replace(step=jax.device_put(np.int32(n), state.step.sharding))
-
   def learn(self, step: int, batch: dict[str, Any], scores_B: np.ndarray) -> dict[str, Any]:
     alg = self.alg
     rewards_B, self.moments = ppo.normalize_scores(scores_B, alg.score_norm, alg.score_clip,
@@ -196,7 +189,7 @@ class PPORun(_Online):
         idx = jnp.asarray(order[m * per:(m + 1) * per])
         metrics = self._update(jax.tree.map(lambda x: x[idx], batch))
     # The loop resumes from state.step: make it count rollout steps, not updates.
-    self.state, self.critic = self._set_step(self.state, step + 1), self._set_step(
+    self.state, self.critic = self.set_step(self.state, step + 1), self.set_step(
         self.critic, step + 1)
     stats = jax.device_get(stats)
     out = {**stats, **jax.device_get(metrics), "objective/kl_coef": self.kl_coef,

@@ -66,3 +66,28 @@ def test_online_run_logs_trl_metrics_and_resumes_exactly(tmp_path, name):
     online.train(cfg, tmp_path / "split")
   online.train(cfg, tmp_path / "split")
   assert deterministic(read(tmp_path / "split" / "metrics.jsonl")) == deterministic(rows)
+
+
+def test_grpo_with_several_epochs_counts_rollout_steps_and_resumes_exactly(tmp_path):
+  """epochs=2: two updates per rollout step; state.step still counts rollout steps (the loop
+  resumes from it) and the schedule spans every update, so a preempted run continues exactly."""
+  cfg = chz.replace(online_config("grpo"), algorithm=GRPOConfig(
+      group_size=4, prompts_per_step=4, max_new_tokens=8, epochs=2))
+  cfg = chz.replace(cfg, optim=chz.replace(cfg.optim, schedule="linear", warmup_steps=1,
+                                          min_lr_ratio=0.0))
+  online.train(cfg, tmp_path / "whole")
+  rows = read(tmp_path / "whole" / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert rows[-1]["lr"] > 0  # a schedule built for 3 updates would have ended at update 3
+  rollout = online._Online.rollout
+
+  def preempted(self, step):
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return rollout(self, step)
+
+  with mock.patch.object(online._Online, "rollout", preempted), pytest.raises(SystemExit):
+    online.train(cfg, tmp_path / "split")
+  assert [r["step"] for r in read(tmp_path / "split" / "metrics.jsonl")] == [1, 2]
+  online.train(cfg, tmp_path / "split")
+  assert deterministic(read(tmp_path / "split" / "metrics.jsonl")) == deterministic(rows)
