@@ -375,6 +375,7 @@ def make_plan(cfg, target: Target, *, costs: bool = True) -> Plan:
       raise PlanError(f"init_from={cfg.init_from}: {e}") from None
 
   programs = PROGRAMS.get(type(cfg.algorithm)) or plan_online.PROGRAMS.get(type(cfg.algorithm))
+  programs = programs(cfg) if callable(programs) else programs
   if programs is None:
     raise PlanError(f"no plan yet for {type(cfg.algorithm).__name__}")
   try:

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jrlhf.algorithms import grpo, ppo
 from jrlhf.algorithms.step import combine_params
@@ -118,6 +119,23 @@ def build_ppo_critic(cfg, mesh) -> tuple[Any, tuple]:
   return step, (state, _update_batch(cfg, _mini_rows(cfg), mesh, "old_values", "returns"))
 
 
+def build_ppo_shared(cfg, mesh) -> tuple[Any, tuple]:
+  """algorithm.value_model=shared: one step trains the policy and the value head on its trunk
+  (the head's state is a D-vector and its moments, replicated)."""
+  from jrlhf.train.ppo_critic import value_head_state  # noqa: PLC0415
+
+  model, state, opt, state_sh = _state(cfg, mesh)
+  head = jax.eval_shape(lambda: value_head_state(model.cfg.hidden_size, opt, mesh, cfg.seed)[0])
+  head_sh = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), head)
+  head = jax.tree.map(lambda x, sh: _sds(x.shape, x.dtype, sh), head, head_sh)
+  shardings = (state_sh, head_sh)
+  step = jax.jit(functools.partial(ppo.shared_step, model=model, cfg=cfg.algorithm, opt=opt),
+                 in_shardings=(shardings, None), out_shardings=(shardings, None),
+                 donate_argnums=0)
+  return step, ((state, head), _update_batch(cfg, _mini_rows(cfg), mesh, "old_logprobs",
+                                             "advantages", "old_values", "returns"))
+
+
 def _tokens(cfg, rows: int) -> int:
   return rows * (cfg.data.max_length + cfg.algorithm.max_new_tokens)
 
@@ -131,13 +149,22 @@ def update_flops(cfg, rows: int, passes: int) -> float:
 
 
 ROLLOUT = Program("rollout", build_rollout, rollout_flops, compiler_costs=False)
-PROGRAMS: dict[type, tuple[Program, ...]] = {
+def _step_flops(cfg) -> float:
+  return update_flops(cfg, _mini_rows(cfg), 6 if cfg.peft.full else 4)
+
+
+def ppo_programs(cfg) -> tuple[Program, ...]:
+  """The rollout, then a policy and a critic step, or one shared step (value_model=shared)."""
+  if cfg.algorithm.value_model == "shared":
+    return ROLLOUT, Program("shared_step", build_ppo_shared, _step_flops)
+  return (ROLLOUT, Program("policy_step", build_ppo_policy, _step_flops),
+          Program("critic_step", build_ppo_critic, _step_flops))
+
+
+# algorithm config type -> its programs, or a function of the run config giving them.
+PROGRAMS: dict[type, Any] = {
     grpo.GRPOConfig: (ROLLOUT, Program(
         "update", build_grpo_update,
         lambda cfg: update_flops(cfg, _rows(cfg), 6 if cfg.peft.full else 4))),
-    ppo.PPOConfig: (ROLLOUT, Program(
-        "policy_step", build_ppo_policy,
-        lambda cfg: update_flops(cfg, _mini_rows(cfg), 6 if cfg.peft.full else 4)), Program(
-        "critic_step", build_ppo_critic,
-        lambda cfg: update_flops(cfg, _mini_rows(cfg), 6 if cfg.peft.full else 4))),
+    ppo.PPOConfig: ppo_programs,
 }

@@ -91,3 +91,13 @@ def test_online_rl_plans_the_rollout_and_the_updates():
   # The rollout's FLOPs are the model count over prompt + response tokens (16 rollouts).
   expected = 2 * plan_lib.matmul_params(cfg.model) * 16 * (64 + cfg.algorithm.max_new_tokens)
   assert plan.programs[0].model_flops == expected
+
+  # A value head on the policy's trunk: one shared step instead of a policy and a critic step,
+  # and less memory than the two (no second model).
+  shared = resolve("tiny/ppo", {"algorithm.prompts_per_step": "16", "model.num_layers": "1",
+                                "algorithm.num_mini_batches": "2",
+                                "algorithm.value_model": "shared"})
+  shared_plan = plan_lib.make_plan(shared, plan_lib.parse_target("cpu"), costs=False)
+  assert [p.name for p in shared_plan.programs] == ["rollout", "shared_step"]
+  assert 0 < shared_plan.programs[1].memory["total"] < (
+      plan.programs[1].memory["total"] + plan.programs[2].memory["total"])
