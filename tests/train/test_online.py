@@ -27,6 +27,23 @@ def online_config(name, **train):
   return chz.replace(cfg, algorithm=ALGORITHMS[name])
 
 
+def preempted_then_resumed(cfg, run_dir):
+  """SIGTERM during step 2 (a preemption): the run finishes the step, saves and exits; the same
+  command then continues from step 2. Returns the resumed run's metrics rows."""
+  rollout = online._Online.rollout
+
+  def preempted(self, step):
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return rollout(self, step)
+
+  with mock.patch.object(online._Online, "rollout", preempted), pytest.raises(SystemExit):
+    online.train(cfg, run_dir)
+  assert [r["step"] for r in read(run_dir / "metrics.jsonl")] == [1, 2]
+  online.train(cfg, run_dir)
+  return read(run_dir / "metrics.jsonl")
+
+
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_online_run_logs_trl_metrics_and_resumes_exactly(tmp_path, name):
   cfg = online_config(name)
@@ -53,19 +70,7 @@ def test_online_run_logs_trl_metrics_and_resumes_exactly(tmp_path, name):
   if name == "ppo":
     assert {"loss/value", "objective/rlhf_reward", "objective/non_score_reward"} <= set(first)
 
-  # SIGTERM during step 2 (a preemption): it finishes, saves and exits; the same command then
-  # continues from step 2 with the same metrics.
-  rollout = online._Online.rollout
-
-  def preempted(self, step):
-    if step == 1:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return rollout(self, step)
-
-  with mock.patch.object(online._Online, "rollout", preempted), pytest.raises(SystemExit):
-    online.train(cfg, tmp_path / "split")
-  online.train(cfg, tmp_path / "split")
-  assert deterministic(read(tmp_path / "split" / "metrics.jsonl")) == deterministic(rows)
+  assert deterministic(preempted_then_resumed(cfg, tmp_path / "split")) == deterministic(rows)
 
 
 def test_grpo_with_several_epochs_counts_rollout_steps_and_resumes_exactly(tmp_path):
@@ -79,15 +84,4 @@ def test_grpo_with_several_epochs_counts_rollout_steps_and_resumes_exactly(tmp_p
   rows = read(tmp_path / "whole" / "metrics.jsonl")
   assert [r["step"] for r in rows] == [1, 2, 3]
   assert rows[-1]["lr"] > 0  # a schedule built for 3 updates would have ended at update 3
-  rollout = online._Online.rollout
-
-  def preempted(self, step):
-    if step == 1:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return rollout(self, step)
-
-  with mock.patch.object(online._Online, "rollout", preempted), pytest.raises(SystemExit):
-    online.train(cfg, tmp_path / "split")
-  assert [r["step"] for r in read(tmp_path / "split" / "metrics.jsonl")] == [1, 2]
-  online.train(cfg, tmp_path / "split")
-  assert deterministic(read(tmp_path / "split" / "metrics.jsonl")) == deterministic(rows)
+  assert deterministic(preempted_then_resumed(cfg, tmp_path / "split")) == deterministic(rows)

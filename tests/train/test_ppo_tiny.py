@@ -3,10 +3,8 @@ and, slow, a short run from a briefly trained SFT model that raises the scorer's
 
 import json
 import os
-import signal
 import subprocess
 import sys
-from unittest import mock
 
 import chz
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 from jrlhf.algorithms.ppo import PPOConfig
 from jrlhf.train import online
 from tests.train.test_loop import config, deterministic, read
+from tests.train.test_online import preempted_then_resumed
 
 
 def ppo_config(**algorithm):
@@ -40,17 +39,7 @@ def test_ppo_with_several_updates_per_step_resumes_exactly(tmp_path, value_model
   # lr 0 when the schedule ended after `steps` updates).
   assert all(r["policy/approxkl"] > 0 and r["lr"] > 0 for r in rows)
 
-  rollout = online._Online.rollout
-
-  def preempted(self, step):
-    if step == 1:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return rollout(self, step)
-
-  with mock.patch.object(online._Online, "rollout", preempted), pytest.raises(SystemExit):
-    online.train(cfg, tmp_path / "split")
-  online.train(cfg, tmp_path / "split")
-  assert deterministic(read(tmp_path / "split" / "metrics.jsonl")) == deterministic(rows)
+  assert deterministic(preempted_then_resumed(cfg, tmp_path / "split")) == deterministic(rows)
   host = json.loads((tmp_path / "split" / "ppo_host_state.json").read_text())
   assert "3" in host and host["3"]["moments"]["count"] == 3 * 16
 
