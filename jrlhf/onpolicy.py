@@ -49,8 +49,8 @@ from jrlhf.algorithms import ppo
 from jrlhf.data.formats import MalformedRow, check_messages
 from jrlhf.models import from_pretrained
 from jrlhf.models.generate import Sampler, SamplingConfig
-from jrlhf.sample import left_pad
-from jrlhf.sharding import batch_ways, make_mesh, put_batch
+from jrlhf.sample import fixed_batches
+from jrlhf.sharding import batch_ways, make_mesh
 
 MODES = ("best_worst", "margin")
 # Encodes a prompt with this stand-in response when its row has none: only the tokens before
@@ -238,17 +238,11 @@ def sample_responses(model, params, prompts: Sequence[np.ndarray], decode: Calla
   sampler = Sampler(model, SamplingConfig(
       temperature=settings.temperature, top_p=settings.top_p,
       max_new_tokens=settings.max_new_tokens, stop_tokens=stop_tokens, pad_id=pad_id))
-  width = max(len(p) for p in prompts)
   k = settings.k
   rows = [i for i in range(len(prompts)) for _ in range(k)]  # k consecutive rows per prompt
   texts, done, rm_scores = [], [], []
   rng = jax.random.PRNGKey(settings.seed)
-  for n, start in enumerate(range(0, len(rows), size)):
-    idx = rows[start:start + size]
-    real = len(idx)
-    idx = idx + [idx[0]] * (size - real)
-    prompt_BxP, mask_BxP = left_pad([list(prompts[i]) for i in idx], pad_id, 1, length=width)
-    placed = put_batch({"p": prompt_BxP, "m": mask_BxP}, mesh)
+  for n, (_, real, placed) in enumerate(fixed_batches(prompts, rows, size, pad_id, mesh)):
     gen = sampler(params, placed["p"], placed["m"], jax.random.fold_in(rng, n))
     if reward_model is not None:
       rm_scores += reward_model(placed["p"], placed["m"], gen.tokens_BxN, gen.lengths_B

@@ -43,12 +43,12 @@ from jrlhf import data as data_lib
 from jrlhf.algorithms import ppo
 from jrlhf.models import from_pretrained
 from jrlhf.models.generate import Sampler, SamplingConfig
-from jrlhf.sample import left_pad
-from jrlhf.sharding import batch_ways, make_mesh, put_batch
+from jrlhf.sample import fixed_batches
+from jrlhf.sharding import batch_ways, make_mesh
+from jrlhf.train import evaluate, metrics as metrics_lib
+from jrlhf.train.online import REWARD_FNS
 
 EVAL_FILE = "policy_eval.json"
-# data.source -> fn(decoded response, reference answer) -> score (as the online loop's REWARD_FNS).
-REWARD_FNS = {"tiny": data_lib.tiny_task.score}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,42 +104,30 @@ def evaluate_policy(policy_dir: str | pathlib.Path, reference_dir: str | pathlib
   sampler = Sampler(model, SamplingConfig(max_new_tokens=settings.max_new_tokens,
                                           temperature=settings.temperature,
                                           stop_tokens=stop_tokens, pad_id=pad_id))
-  greedy = Sampler(model, SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=0.0,
-                                         stop_tokens=stop_tokens, pad_id=pad_id))
   policy_logp = jax.jit(functools.partial(_logprobs, model, temperature=settings.temperature))
   ref_logp = jax.jit(functools.partial(_logprobs, ref_model, temperature=settings.temperature))
-  width = max(len(p) for p in prompts)
 
-  def batches(rows: list[int]):
-    """(prompt index per row, real rows, placed prompts): rows padded to one compiled shape."""
-    for start in range(0, len(rows), settings.batch_size):
-      idx = rows[start:start + settings.batch_size]
-      real = len(idx)
-      idx = idx + [idx[0]] * (settings.batch_size - real)
-      prompt_BxP, mask_BxP = left_pad([list(prompts[i]) for i in idx], pad_id, 1, length=width)
-      yield idx, real, put_batch({"p": prompt_BxP, "m": mask_BxP}, mesh)
-
-  def scored(idx, real, tokens_BxN, lengths_B) -> list[float]:
-    return [float(score(decode(tokens_BxN[r, :lengths_B[r]].tolist()), references[idx[r]]))
-            for r in range(real)]
-
-  kl, rewards, lengths, done, greedy_scores = [], [], [], [], []
+  kl, rewards, lengths, done = [], [], [], []
   rng = jax.random.PRNGKey(settings.seed)
   sampled_rows = [i for i in range(len(prompts)) for _ in range(settings.samples)]
-  for n, (idx, real, placed) in enumerate(batches(sampled_rows)):
+  batches = fixed_batches(prompts, sampled_rows, settings.batch_size, pad_id, mesh)
+  for n, (idx, real, placed) in enumerate(batches):
     gen = sampler(params, placed["p"], placed["m"], jax.random.fold_in(rng, n))
     batch = ppo.rollout_batch(placed["p"], placed["m"], gen.tokens_BxN, gen.lengths_B)
     kl_B = sequence_kl(policy_logp(params, batch), ref_logp(ref_params, batch),
                        batch["response_mask"])
     tokens_BxN, lengths_B, done_B, kl_B = jax.device_get(
         (gen.tokens_BxN, gen.lengths_B, gen.done_B, kl_B))
-    rewards += scored(idx, real, tokens_BxN, lengths_B)
+    rewards += [float(score(decode(tokens_BxN[r, :lengths_B[r]].tolist()), references[idx[r]]))
+                for r in range(real)]
     kl += kl_B[:real].tolist()
     lengths += lengths_B[:real].tolist()
     done += done_B[:real].tolist()
-  for idx, real, placed in batches(list(range(len(prompts)))):
-    out = jax.device_get(greedy(params, placed["p"], placed["m"], rng))
-    greedy_scores += scored(idx, real, out.tokens_BxN, out.lengths_B)
+  # Greedy exact match exactly as the runs' held-out eval computes eval/accuracy.
+  _, greedy_rows = evaluate.Generations(
+      model, prompts, references, score, decode, max_new_tokens=settings.max_new_tokens,
+      stop_tokens=stop_tokens, pad_id=pad_id, mesh=mesh)(params, rng)
+  greedy_scores = [row["score"] for row in greedy_rows]
   kl = np.asarray(kl, np.float64)
   return {
       "policy/reward": float(np.mean(rewards)),
@@ -152,18 +140,6 @@ def evaluate_policy(policy_dir: str | pathlib.Path, reference_dir: str | pathlib
       "policy/eos_fraction": float(np.mean(done)),
       "policy/responses": float(len(kl)),
   }
-
-
-def _last_step(run_dir: pathlib.Path, cfg) -> int:
-  metrics = run_dir / "metrics.jsonl"
-  steps = []
-  if metrics.exists():
-    for line in metrics.read_text().splitlines():
-      try:
-        steps.append(int(json.loads(line)["step"]))
-      except (ValueError, KeyError, TypeError):
-        continue
-  return max(steps, default=cfg.steps)
 
 
 def evaluate_run(run_dir: str | pathlib.Path, reference: str | pathlib.Path | None = None,
@@ -194,7 +170,8 @@ def evaluate_run(run_dir: str | pathlib.Path, reference: str | pathlib.Path | No
       lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
       stop_tokens=() if eos is None else (eos,), pad_id=eval_ds.pad_id, settings=settings,
       mesh=make_mesh(cfg.mesh))
-  out = {"step": _last_step(run_dir, cfg), "metrics": metrics,
+  last = metrics_lib.last_logged_step(run_dir / "metrics.jsonl")
+  out = {"step": cfg.steps if last is None else last, "metrics": metrics,
          "settings": {**dataclasses.asdict(settings), "reference": str(reference)}}
   if write:
     (run_dir / EVAL_FILE).write_text(json.dumps(out, indent=1) + "\n")

@@ -48,6 +48,19 @@ def left_pad(rows: list[list[int]], pad_id: int, multiple: int, length: int | No
   return tokens, mask
 
 
+def fixed_batches(prompts, rows: list[int], size: int, pad_id: int, mesh):
+  """Batches of `size` rows for a sampler that must compile once: per batch, the prompt index of
+  each row (the last batch filled with copies of its first row), how many rows are real, and the
+  prompts left-padded to the longest of `prompts`, placed on `mesh` ({"p": tokens, "m": mask})."""
+  width = max(len(p) for p in prompts)
+  for start in range(0, len(rows), size):
+    idx = rows[start:start + size]
+    real = len(idx)
+    idx = idx + [idx[0]] * (size - real)
+    prompt_BxP, mask_BxP = left_pad([list(prompts[i]) for i in idx], pad_id, 1, length=width)
+    yield idx, real, put_batch({"p": prompt_BxP, "m": mask_BxP}, mesh)
+
+
 def parse_mesh(text: str) -> MeshConfig:
   data, fsdp, tensor = (int(v) for v in text.split(","))
   return MeshConfig(data=data, fsdp=fsdp, tensor=tensor)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from jrlhf import config, sweep
+from jrlhf.train.metrics import last_logged_step
 
 STUDY_KEYS = ("start", "arms", "common", "seeds", "policy_eval", "plan", "report", "reduced")
 PLAN_FILE = "plan.json"
@@ -142,16 +143,7 @@ def arm_points(name: str, arm: Mapping[str, Any], common: Mapping[str, Any], see
 
 
 def finished(point: Point) -> bool:
-  metrics = point.run_dir / "metrics.jsonl"
-  if not metrics.exists():
-    return False
-  steps = []
-  for line in metrics.read_text().splitlines():
-    try:
-      steps.append(int(json.loads(line)["step"]))
-    except (ValueError, KeyError, TypeError):
-      continue
-  done = max(steps, default=0) >= point.steps
+  done = (last_logged_step(point.run_dir / "metrics.jsonl") or 0) >= point.steps
   return done and (not point.export or (point.run_dir / "export" / "config.json").exists())
 
 

@@ -39,6 +39,18 @@ def truncate_after(path: pathlib.Path, step: int) -> None:
   path.write_text("".join(line + "\n" for line in kept))
 
 
+def last_logged_step(path: pathlib.Path) -> int | None:
+  """The largest `step` in a metrics.jsonl, None without one; unreadable lines (the cut-short
+  last line of a killed run) are skipped."""
+  steps = []
+  for line in path.read_text().splitlines() if path.exists() else ():
+    try:
+      steps.append(int(json.loads(line)["step"]))
+    except (ValueError, KeyError, TypeError):
+      continue
+  return max(steps, default=None)
+
+
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
   if not path.exists():
     return []
