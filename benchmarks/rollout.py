@@ -29,7 +29,6 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import generate as gen_bench  # benchmarks/generate.py: its prompts and timing
 import workload  # benchmarks/workload.py: the shared model shape
